@@ -1,0 +1,32 @@
+"""Adapter methods. A new method is one file here plus its import line below."""
+
+from .base import (
+    ADAPTERS,
+    AdapterLinear,
+    AdapterMethod,
+    check_hyperparameters,
+    get_adapter_class,
+    hyperparameter_names,
+    is_supported_layer,
+    layer_shape,
+    register_adapter,
+)
+from .dora import DoRA
+from .lora import LoRA
+from .mora import MoRA, mora_rank
+
+__all__ = [
+    "ADAPTERS",
+    "AdapterLinear",
+    "AdapterMethod",
+    "DoRA",
+    "LoRA",
+    "MoRA",
+    "check_hyperparameters",
+    "get_adapter_class",
+    "hyperparameter_names",
+    "is_supported_layer",
+    "layer_shape",
+    "mora_rank",
+    "register_adapter",
+]

@@ -1,0 +1,232 @@
+"""The adapter protocol and `AdapterLinear`, the wrapper every method plugs into.
+
+An adapter method is a small `nn.Module` (subclass of `AdapterMethod`) that owns only its
+trainable tensors. `AdapterLinear` owns the frozen base layer and one method:
+
+    y = method(x, base(x), layer)            unmerged
+    y = base'(x),  W' = method.merge(W0)     merged (zero overhead)
+
+Keeping the adapter tensors in their own child module (`layer.adapter`) apart from
+`layer.base` makes key filtering trivial (`.adapter.` in the name) and lets FSDP wrap the
+trainable tensors in their own unit (reference/lightning.md §1.2).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+try:  # GPT-2 style layers store their weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+ADAPTERS: dict[str, type[AdapterMethod]] = {}
+
+
+def register_adapter(cls: type[AdapterMethod]) -> type[AdapterMethod]:
+    """Class decorator: make `cls` available to policies under `cls.method`."""
+    name = cls.method
+    if not name or name != name.lower():
+        raise ValueError(f"Adapter method name must be a non-empty lower-case string, got {name!r}")
+    if name in ADAPTERS and ADAPTERS[name] is not cls:
+        raise ValueError(f"Adapter method {name!r} is already registered by {ADAPTERS[name].__qualname__}")
+    ADAPTERS[name] = cls
+    return cls
+
+
+def get_adapter_class(method: str) -> type[AdapterMethod]:
+    """Look up a registered method by name; raise a `ValueError` listing valid names."""
+    if method not in ADAPTERS:
+        raise ValueError(f"Unknown adapter method {method!r}; choose one of {sorted(ADAPTERS)}")
+    return ADAPTERS[method]
+
+
+def hyperparameter_names(cls: type[AdapterMethod]) -> list[str]:
+    """The keyword hyper-parameters a method accepts: its `__init__` signature is the schema."""
+    params = inspect.signature(cls.__init__).parameters
+    return [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+
+
+def check_hyperparameters(method: str, hparams: dict[str, Any]) -> None:
+    """Raise a `ValueError` naming any hyper-parameter `method` does not accept."""
+    cls = get_adapter_class(method)
+    valid = hyperparameter_names(cls)
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown hyper-parameter(s) {unknown} for method {method!r}; valid: {valid}")
+
+
+def check_rank(r: Any) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"`r` must be a positive integer, got {r!r}")
+    return r
+
+
+def check_dropout(p: Any) -> float:
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+        raise ValueError(f"`dropout` must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def adapter_param_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapter tensors are fp32 masters for half-precision bases, else the base dtype (fp32/fp64)."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class AdapterMethod(nn.Module):
+    """One adapter method's trainable tensors and math.
+
+    Subclasses set `method` (the registry/policy name), take `in_features`, `out_features`
+    positionally and their hyper-parameters keyword-only (the signature is the policy schema),
+    and implement `forward` and `delta_weight`.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @classmethod
+    def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
+        """Trainable parameters for a layer of this shape, without building it (used by plans)."""
+        raise NotImplementedError
+
+    def init_from_base(self, layer: AdapterLinear) -> None:
+        """Hook run once the base layer is attached (DoRA reads W0 here)."""
+
+    def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
+        """Return the layer output given the input and the base layer's output (bias included)."""
+        raise NotImplementedError
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        """Dense `(out, in)` update so that `W_eff = weight + delta_weight(weight)`."""
+        raise NotImplementedError
+
+    def merge_weight(self, weight: Tensor) -> Tensor:
+        """Return the merged weight; additive methods need nothing more."""
+        return weight + self.delta_weight(weight)
+
+    def unmerge_weight(self, merged: Tensor) -> Tensor:
+        """Invert `merge_weight`; additive methods' delta does not depend on W0."""
+        return merged - self.delta_weight(merged)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def supported_layer_types() -> tuple[type, ...]:
+    return (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    return type(module) in supported_layer_types()
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """`(in_features, out_features)` of a supported base layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if Conv1D is not None and isinstance(module, Conv1D):
+        in_f, out_f = module.weight.shape
+        return in_f, out_f
+    raise TypeError(f"Unsupported module type {type(module).__name__}")
+
+
+class AdapterLinear(nn.Module):
+    """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus one adapter method.
+
+    Args:
+        base: the layer to adapt; its parameters are frozen.
+        adapter: an `AdapterMethod` built for the base layer's shape.
+    """
+
+    def __init__(self, base: nn.Module, adapter: AdapterMethod) -> None:
+        super().__init__()
+        if not is_supported_layer(base):
+            names = [t.__name__ for t in supported_layer_types()]
+            raise ValueError(f"Unsupported module type {type(base).__name__}; adapters wrap {names}")
+        in_f, out_f = layer_shape(base)
+        if (adapter.in_features, adapter.out_features) != (in_f, out_f):
+            raise ValueError(
+                f"Adapter built for ({adapter.in_features}->{adapter.out_features}) cannot wrap a {in_f}->{out_f} layer"
+            )
+        self.base = base
+        self.base.requires_grad_(False)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D stores (in, out)
+        weight = base.weight
+        self.adapter = adapter.to(device=weight.device, dtype=adapter_param_dtype(weight.dtype))
+        self.merged = False
+        if weight.device.type != "meta":
+            self.adapter.init_from_base(self)
+
+    @property
+    def in_features(self) -> int:
+        return self.adapter.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.adapter.out_features
+
+    @property
+    def method(self) -> str:
+        return self.adapter.method
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def base_weight(self) -> Tensor:
+        """The base weight in `(out, in)` layout (a view; Conv1D is transposed)."""
+        w = self.base.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: Tensor) -> Tensor:
+        base_out = self.base(x)
+        if self.merged:
+            return base_out
+        return self.adapter(x, base_out, self)
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """Dense `(out, in)` effective update `W_eff - W0` (fp32 for half-precision bases)."""
+        w0 = self.base_weight()
+        if self.merged:
+            w0 = self.adapter.unmerge_weight(w0.to(self.adapter_dtype))
+        return self.adapter.delta_weight(w0.to(self.adapter_dtype))
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return adapter_param_dtype(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; a second call is a no-op."""
+        if self.merged:
+            return
+        w = self.base_weight()
+        merged = self.adapter.merge_weight(w.to(self.adapter_dtype))
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"Merging {self.method} produced non-finite weights; the layer was left unmerged")
+        w.copy_(merged.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight (exact up to float rounding); no-op when not merged."""
+        if not self.merged:
+            return
+        w = self.base_weight()
+        w.copy_(self.adapter.unmerge_weight(w.to(self.adapter_dtype)).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, merged={self.merged}"

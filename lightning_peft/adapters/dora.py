@@ -1,0 +1,169 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353).
+
+    V' = W0 + s B A,   n = ||V'||_row (detached),   W' = (m / n) * V'
+
+Semantics follow HF peft exactly (reference/dora.md §1): the norm is over each output row of
+the `(out, in)` weight and is treated as a constant (paper §4.3); dropout only hits the
+delta; the bias is not rescaled; `m` starts at the row norm of the *current* effective
+weight, so the layer equals its base (or its LoRA output, if B != 0) at initialisation.
+
+Unlike peft, the training forward never builds an `out x in` matrix. The row norm uses
+
+    n_i^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2
+
+where `||W0_i||^2` is cached (W0 is frozen), `W0 A^T` is an `(out, r)` product and
+`||(BA)_i||^2` needs only the `r x r` Gram matrix `A A^T` (reference/dora.md §1.5).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import register_adapter
+from .lora import LowRankFactors
+
+if TYPE_CHECKING:
+    from .base import AdapterLinear
+
+
+@register_adapter
+class DoRA(LowRankFactors):
+    """DoRA with LoRA's hyper-parameters plus `eps`, the floor on row norms.
+
+    Rows of W0 with zero norm would give `m / n = 0 / 0`; the floor keeps them finite and
+    frozen at zero (their gradient is scaled by `m / n = 0`), with a warning at init.
+    """
+
+    method = "dora"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or eps <= 0:
+            raise ValueError(f"`eps` must be a positive number, got {eps!r}")
+        self.eps = float(eps)
+        # fp32 master copy regardless of the base dtype; cast to the activations' dtype in forward.
+        self.magnitude = nn.Parameter(torch.ones(out_features))  # (out,)
+        self._w0_sq: Tensor | None = None
+        self._w0_key: tuple | None = None
+        self._merge_norm: Tensor | None = None
+        self._eval_scale: Tensor | None = None
+        self._eval_key: tuple | None = None
+
+    @classmethod
+    def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
+        return super().count_parameters(in_features, out_features, **hparams) + out_features
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        # Device/dtype moves invalidate the cached norms.
+        self._w0_sq = self._w0_key = self._eval_scale = self._eval_key = None
+        return super()._apply(fn, recurse)
+
+    # -- norms ---------------------------------------------------------------------------
+
+    def _base_row_sq(self, w0: Tensor) -> Tensor:
+        """`||W0_i||^2` in fp32, recomputed only when W0 changes (tracked by its version counter)."""
+        key = (w0.data_ptr(), w0._version, w0.dtype, w0.device)
+        if self._w0_key != key or self._w0_sq is None:
+            self._w0_sq = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square()
+            self._w0_key = key
+        return self._w0_sq
+
+    @torch.no_grad()
+    def weight_norm(self, w0: Tensor) -> Tensor:
+        """Row norms of `W0 + s B A` (fp32, `(out,)`) without materialising `out x in`."""
+        a = self.lora_A.float()  # (r, in)
+        b = self.lora_B.float()  # (out, r)
+        s = self.scaling
+        w0a = F.linear(self.lora_A.to(w0.dtype), w0).float()  # (r, out) = A W0^T
+        cross = (w0a.t() * b).sum(dim=1)  # <W0_i, (BA)_i>
+        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # ||(BA)_i||^2 via the r x r Gram
+        n_sq = self._base_row_sq(w0) + (2 * s) * cross + (s * s) * ba_sq
+        return n_sq.clamp_min(0).sqrt().clamp_min(self.eps)
+
+    def init_from_base(self, layer: AdapterLinear) -> None:
+        self.reset_magnitude(layer)
+
+    @torch.no_grad()
+    def reset_magnitude(self, layer: AdapterLinear) -> None:
+        """Set `m` to the row norm of the current effective weight (call after loading new W0)."""
+        w0 = layer.base_weight()
+        norm = self.weight_norm(w0)
+        zero_rows = int((norm <= self.eps).sum())
+        if zero_rows:
+            name = getattr(layer, "name", "") or f"{self.in_features}->{self.out_features} layer"
+            warnings.warn(
+                f"DoRA: {zero_rows} weight row(s) of {name} have zero norm; they are floored at eps={self.eps} "
+                "and stay at zero during training",
+                stacklevel=2,
+            )
+        self.magnitude.copy_(torch.where(norm <= self.eps, torch.zeros_like(norm), norm))
+
+    def scale(self, w0: Tensor, dtype: torch.dtype) -> Tensor:
+        """`c = m / n` as an `(out,)` vector in the activations' dtype; cached in eval mode."""
+        if self.training or torch.is_grad_enabled():
+            return (self.magnitude / self.weight_norm(w0)).to(dtype)
+        key = (
+            self.lora_A._version,
+            self.lora_B._version,
+            self.magnitude._version,
+            w0.data_ptr(),
+            w0._version,
+            dtype,
+        )
+        if self._eval_key != key or self._eval_scale is None:
+            self._eval_scale = (self.magnitude / self.weight_norm(w0)).to(dtype)
+            self._eval_key = key
+        return self._eval_scale
+
+    # -- forward and merge ---------------------------------------------------------------
+
+    def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
+        w0 = layer.base_weight()
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            x_d = x
+            plain = base_out if layer.bias is None else base_out - layer.bias  # reuse: no 2nd matmul
+        else:
+            x_d = self.dropout(x)
+            plain = F.linear(x_d, w0)  # peft semantics: dropout only on the delta
+        c = self.scale(w0, base_out.dtype)
+        return base_out + (c - 1) * plain + c * self.lora_delta(x_d).to(base_out.dtype)
+
+    def _direction(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        v = weight + self.low_rank_weight().to(weight.dtype)  # (out, in)
+        n = torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)
+        return v, n
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        v, n = self._direction(weight)
+        return (self.magnitude.to(weight.dtype) / n).unsqueeze(1) * v - weight
+
+    def merge_weight(self, weight: Tensor) -> Tensor:
+        v, n = self._direction(weight)
+        self._merge_norm = n  # n cannot be recovered from the merged weight (peft does the same)
+        return (self.magnitude.to(weight.dtype) / n).unsqueeze(1) * v
+
+    def unmerge_weight(self, merged: Tensor) -> Tensor:
+        if self._merge_norm is None:
+            raise RuntimeError("DoRA layer was not merged in this process; cannot unmerge")
+        m = self.magnitude.to(merged.dtype)
+        safe_m = torch.where(m == 0, torch.ones_like(m), m)
+        scale = (self._merge_norm.to(merged.dtype) / safe_m).unsqueeze(1)
+        return merged * scale - self.low_rank_weight().to(merged.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}"

@@ -1,0 +1,85 @@
+"""LoRA: low-rank update `dW = s * B @ A` (Hu et al. 2021, arXiv 2106.09685).
+
+    y = W0 x + b + s * B A dropout(x),   s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A is Kaiming-uniform (as `nn.Linear`'s default init, so it matches HF peft), B is zero,
+so the layer equals its base at initialisation. Dropout only touches the delta path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AdapterMethod, check_dropout, check_rank, register_adapter
+
+if TYPE_CHECKING:
+    from .base import AdapterLinear
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LowRankFactors(AdapterMethod):
+    """Shared storage and checks for methods built on `B @ A` factors (LoRA, DoRA)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features)
+        self.r = check_rank(r)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+            raise ValueError(f"`alpha` must be a positive number, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.dropout_p = check_dropout(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
+        self.reset_parameters()
+
+    @classmethod
+    def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
+        return check_rank(hparams.get("r", 8)) * (in_features + out_features)
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform A (peft's default), zero B: the update starts at exactly zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def lora_delta(self, x: Tensor) -> Tensor:
+        """`s * B A x` for an already dropped-out `x`, in the activations' dtype."""
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return F.linear(F.linear(x, a), b) * self.scaling
+
+    def low_rank_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}"
+
+
+@register_adapter
+class LoRA(LowRankFactors):
+    """LoRA with `r`, `alpha`, `dropout` and the rsLoRA scaling option."""
+
+    method = "lora"
+
+    def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
+        return base_out + self.lora_delta(self.dropout(x)).to(base_out.dtype)
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        return self.low_rank_weight().to(weight.dtype)
