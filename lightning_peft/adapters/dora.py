@@ -68,7 +68,7 @@ class DoRA(LowRankFactors):
     def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
         return super().count_parameters(in_features, out_features, **hparams) + out_features
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+    def _apply(self, fn, recurse=True):
         # Device/dtype moves invalidate the cached norms.
         self._w0_sq = self._w0_key = self._eval_scale = self._eval_key = None
         return super()._apply(fn, recurse)
