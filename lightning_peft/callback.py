@@ -1,0 +1,238 @@
+"""`AdapterCallback`: inject a policy's adapters into an unmodified LightningModule.
+
+Where it acts, and why (reference/lightning.md §1, verified on Lightning 2.6):
+
+- `setup` (every stage) runs before `configure_optimizers`, before the DDP/FSDP wrap and
+  before a checkpoint is restored, so the user's optimizer sees only trainable tensors,
+  DDP registers the adapters, and `ckpt_path=` finds adapter keys to load into. When the
+  targeted layers do not exist yet (built in `LightningModule.setup`/`configure_model`),
+  injection moves to right after the user's `configure_model`.
+- Checkpoints carry the plan under `checkpoint["lightning_peft"]`; with
+  `adapter_only_checkpoint` the `state_dict` keeps only trainable tensors (still resumable:
+  optimizer, loops and callbacks are untouched, and loading is non-strict).
+- Before any checkpoint weights are loaded, the stored plan and tensor shapes are compared
+  with the live model, so a checkpoint from another policy never loads silently.
+- `on_fit_start` stops the run when a trainable parameter is in no optimizer param group
+  (an optimizer built too early trains nothing).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from .inject import (
+    AdapterStateError,
+    find_adapters,
+    get_plan,
+    inject_adapters,
+    merge_adapters,
+    save_adapters,
+    trainable_state_keys,
+)
+from .policy import LayerPolicy, Plan, PolicyError
+
+CHECKPOINT_KEY = "lightning_peft"
+
+
+def print_plan(plan: Plan) -> None:
+    """Print the plan as a rich table (rank zero only)."""
+    from rich import get_console
+
+    get_console().print(plan.table())
+    get_console().print(plan.summary())
+
+
+def check_checkpoint(pl_module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Raise if `checkpoint` does not fit the adapters injected into `pl_module`.
+
+    Checks the stored plan (same modules, methods, hyper-parameters) and that every
+    trainable tensor is present with the right shape: with non-strict loading a missing
+    key would otherwise keep its fresh random value silently.
+    """
+    live = get_plan(pl_module)
+    if live is None:
+        return
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if stored is not None:
+        stored_plan = Plan.from_dict(stored["plan"])
+        mismatch = _plan_mismatch(stored_plan, live)
+        if mismatch:
+            raise AdapterStateError(f"Checkpoint was written with a different adapter plan: {mismatch}")
+    state = checkpoint.get("state_dict", {})
+    live_state = pl_module.state_dict()
+    missing = sorted(k for k in trainable_state_keys(pl_module) if k not in state)
+    if missing:
+        raise AdapterStateError(
+            f"Checkpoint lacks {len(missing)} adapter tensor(s) the model needs, e.g. {missing[:4]}; "
+            "it was not written by a run with this policy"
+        )
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(live_state[k].shape)}"
+        for k in live_state
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(live_state[k].shape)
+    ]
+    if wrong:
+        raise AdapterStateError("Checkpoint tensor shapes do not fit the model: " + "; ".join(wrong[:6]))
+
+
+def _plan_mismatch(stored: Plan, live: Plan) -> str:
+    a = {name: (method, hp) for name, method, hp in stored.fingerprint()}
+    b = {name: (method, hp) for name, method, hp in live.fingerprint()}
+    problems = [f"{n}: only in checkpoint ({a[n][0]})" for n in sorted(set(a) - set(b))]
+    problems += [f"{n}: only in model ({b[n][0]})" for n in sorted(set(b) - set(a))]
+    problems += [
+        f"{n}: checkpoint {a[n][0]} {a[n][1]} vs model {b[n][0]} {b[n][1]}"
+        for n in sorted(set(a) & set(b))
+        if a[n] != b[n]
+    ]
+    return "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
+
+
+def missing_from_optimizers(pl_module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """Names of trainable parameters that no optimizer param group holds."""
+    held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    return [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+
+
+class AdapterCallback(Callback):
+    """Inject per-layer adapters following a policy; keep checkpoints small and safe.
+
+    Args:
+        policy: a `LayerPolicy`, a path to a policy YAML, or the same schema as a mapping.
+        adapter_only_checkpoint: keep only trainable tensors in `.ckpt` files (resumable).
+        merge_at_end: merge all adapters into the base weights when `fit` ends.
+        export_dir: if set, write `adapters.safetensors` + `plan.json` there when `fit` ends.
+        verbose: print the plan table on rank zero.
+    """
+
+    def __init__(
+        self,
+        policy: LayerPolicy | str | dict[str, Any],
+        adapter_only_checkpoint: bool = True,
+        merge_at_end: bool = False,
+        export_dir: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self.policy = LayerPolicy.load(policy)
+        self.adapter_only_checkpoint = adapter_only_checkpoint
+        self.merge_at_end = merge_at_end
+        self.export_dir = export_dir
+        self.verbose = verbose
+        self.plan: Plan | None = None
+
+    # -- injection -----------------------------------------------------------------------
+
+    def inject(self, pl_module: pl.LightningModule) -> Plan:
+        """Inject (idempotently) and remember the plan; prints it once on rank zero."""
+        already = get_plan(pl_module) is not None
+        self.plan = inject_adapters(pl_module, self.policy)
+        if any(layer.merged for _, layer in find_adapters(pl_module)):
+            raise AdapterStateError("The model's adapters are merged; call unmerge_adapters() before training")
+        if self.verbose and not already:
+            rank_zero_only(print_plan)(self.plan)
+        return self.plan
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._warn_about_trainer(trainer)
+        try:
+            self.inject(pl_module)
+        except PolicyError as err:
+            if not (is_overridden("configure_model", pl_module) and "matches no module" in str(err)):
+                raise
+            self._inject_after_configure_model(pl_module)  # layers are built later
+        if self.adapter_only_checkpoint:
+            pl_module.strict_loading = False
+        self._guard_checkpoint_loading(pl_module)
+
+    def _inject_after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        user_configure_model = pl_module.configure_model
+
+        def configure_model_then_inject() -> None:  # a plain function: Lightning's is_overridden sees it
+            user_configure_model()
+            self.inject(pl_module)
+
+        pl_module.configure_model = configure_model_then_inject
+
+    def _guard_checkpoint_loading(self, pl_module: pl.LightningModule) -> None:
+        """Validate checkpoints before Lightning loads their weights (module hook runs first)."""
+        if getattr(pl_module, "_lightning_peft_guarded", False):
+            return
+        user_hook = pl_module.on_load_checkpoint
+
+        def check_then_load(checkpoint: dict[str, Any]) -> None:
+            check_checkpoint(pl_module, checkpoint)
+            user_hook(checkpoint)
+
+        pl_module.on_load_checkpoint = check_then_load
+        pl_module._lightning_peft_guarded = True
+
+    def _warn_about_trainer(self, trainer: pl.Trainer) -> None:
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_weights_only and self.adapter_only_checkpoint:
+                warnings.warn(
+                    "ModelCheckpoint(save_weights_only=True) bypasses callbacks: its files hold the full model and "
+                    "cannot resume. Use save_weights_only=False (adapter-only files stay small).",
+                    stacklevel=2,
+                )
+        names = [type(cb).__name__ for cb in trainer.callbacks]
+        for other in ("StochasticWeightAveraging", "WeightAveraging"):
+            if other in names and names.index(other) < names.index(type(self).__name__):
+                warnings.warn(f"{other} is listed before AdapterCallback; its model copy has no adapters", stacklevel=2)
+
+    # -- fit -----------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        missing = missing_from_optimizers(pl_module, trainer.optimizers)
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} trainable parameter(s) are in no optimizer param group, e.g. {missing[:4]}. "
+                "The optimizer was built before the adapters were injected (in __init__, or by LightningCLI's "
+                "automatic optimizer); build it in configure_optimizers from the module's parameters."
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is not None and trainer.is_global_zero:
+            save_adapters(pl_module, Path(self.export_dir))
+        if self.merge_at_end:
+            merge_adapters(pl_module)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        plan = get_plan(pl_module)
+        if plan is None:
+            return
+        checkpoint[CHECKPOINT_KEY] = {
+            "plan": plan.to_dict(),
+            "policy": self.policy.to_dict(),
+            "adapter_only": self.adapter_only_checkpoint,
+        }
+        if self.adapter_only_checkpoint:
+            keep = trainable_state_keys(pl_module)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def restore_from_checkpoint(model: torch.nn.Module, checkpoint: str | Path | dict[str, Any]) -> Plan:
+    """Rebuild adapters from a checkpoint's stored plan and load its tensors, without a Trainer.
+
+    For `load_from_checkpoint`-style inference: build the bare module, then call this.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if stored is None:
+        raise AdapterStateError("Checkpoint holds no lightning-peft plan (was AdapterCallback used?)")
+    plan = inject_adapters(model, Plan.from_dict(stored["plan"]))
+    check_checkpoint(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"], strict=not stored.get("adapter_only", False))
+    return plan
