@@ -42,6 +42,7 @@ from .adapters.base import (
 )
 
 SPECIAL_METHODS = ("none", "full")
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "policies"
 # Wrapper infixes that torch.compile / FSDP / checkpointing / DDP add to module names.
 _WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
@@ -288,6 +289,11 @@ class Plan:
         )
 
 
+def list_presets() -> list[str]:
+    """Names of the policy presets shipped in `policies/`."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
 def discover_blocks(model: nn.Module, path: str | None = None) -> tuple[str | None, int]:
     """The container of repeated blocks that defines depth, and how many blocks it holds.
 
@@ -413,8 +419,10 @@ class LayerPolicy:
         import yaml
 
         path = Path(path)
+        if not path.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
+            path = PRESETS_DIR / f"{path}.yaml"  # a preset name such as `mora_outer_dora_inner`
         if not path.is_file():
-            raise PolicyError(f"Policy file {str(path)!r} does not exist")
+            raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()})")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

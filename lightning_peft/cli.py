@@ -1,0 +1,111 @@
+"""The `lightning-peft` command: LightningCLI plus `plan` (dry run) and `report`.
+
+    lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
+    lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
+    lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
+
+`adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
+sections of every config, so one YAML describes model, data, policy and diagnostics.
+
+Adapters are injected right after the model is instantiated, *before* LightningCLI builds
+its automatic optimizer (`optimizer:` in a config), which would otherwise hold no adapter
+parameters and train nothing (reference/lightning.md §4.5).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .callback import AdapterCallback, print_plan
+from .diagnostics import UpdateDiagnostics
+
+
+class PeftTrainer(pl.Trainer):
+    """A `Trainer` with the extra `plan` entry point that LightningCLI turns into a subcommand."""
+
+    def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
+        """Dry run: build the model, resolve the adapter policy, print the plan; train nothing."""
+
+
+class PeftCLI(LightningCLI):
+    """LightningCLI with forced `adapters`/`diagnostics` sections and a `plan` subcommand."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_class", PeftTrainer)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        commands["plan"] = {"model", "datamodule"}
+        return commands
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(AdapterCallback, "adapters")
+        parser.add_lightning_class_args(UpdateDiagnostics, "diagnostics")
+
+    def instantiate_classes(self) -> None:
+        # Same steps as LightningCLI.instantiate_classes, with injection before the optimizer.
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        if self.subcommand != "plan":
+            self._get(self.config_init, "adapters").inject(self.model)
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self.trainer = self.instantiate_trainer()
+
+    def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
+        callback = self._get(self.config_init, "adapters")
+        print_plan(callback.policy.resolve(model))
+
+    def after_fit(self) -> None:
+        """Print the final metrics (rank zero) so the main job ends with its numbers."""
+        if not self.trainer.is_global_zero:
+            return
+        from rich import get_console
+        from rich.table import Table
+
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
+        if not metrics:
+            return
+        table = Table(title=f"final metrics (step {self.trainer.global_step})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in sorted(metrics):
+            table.add_row(key, f"{metrics[key]:.4f}")
+        get_console().print(table)
+
+
+def report(log_dir: str) -> None:
+    """Re-render the per-layer diagnostics table and figures of a finished run.
+
+    Args:
+        log_dir: the run's log directory (holding `update_diagnostics.csv`).
+    """
+    from rich import get_console
+
+    from .diagnostics import render_report
+
+    get_console().print(render_report(log_dir))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point (`lightning-peft`)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "report":
+        from jsonargparse import CLI
+
+        CLI(report, args=argv[1:])
+        return
+    PeftCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()
