@@ -76,20 +76,22 @@ class DoRA(LowRankFactors):
     # -- norms ---------------------------------------------------------------------------
 
     def _base_row_sq(self, w0: Tensor) -> Tensor:
-        """`||W0_i||^2` in fp32, recomputed only when W0 changes (tracked by its version counter)."""
+        """`||W0_i||^2` in fp32 (fp64 for fp64 bases), recomputed only when W0 changes (tracked by its version)."""
         key = (w0.data_ptr(), w0._version, w0.dtype, w0.device)
         if self._w0_key != key or self._w0_sq is None:
-            self._w0_sq = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square()
+            dtype = torch.promote_types(w0.dtype, torch.float32)
+            self._w0_sq = torch.linalg.vector_norm(w0, dim=1, dtype=dtype).square()
             self._w0_key = key
         return self._w0_sq
 
     @torch.no_grad()
     def weight_norm(self, w0: Tensor) -> Tensor:
-        """Row norms of `W0 + s B A` (fp32, `(out,)`) without materialising `out x in`."""
-        a = self.lora_A.float()  # (r, in)
-        b = self.lora_B.float()  # (out, r)
+        """Row norms of `W0 + s B A` (fp32 or fp64, `(out,)`) without materialising `out x in`."""
+        dtype = torch.promote_types(w0.dtype, torch.float32)
+        a = self.lora_A.to(dtype)  # (r, in)
+        b = self.lora_B.to(dtype)  # (out, r)
         s = self.scaling
-        w0a = F.linear(self.lora_A.to(w0.dtype), w0).float()  # (r, out) = A W0^T
+        w0a = F.linear(self.lora_A.to(w0.dtype), w0).to(dtype)  # (r, out) = A W0^T
         cross = (w0a.t() * b).sum(dim=1)  # <W0_i, (BA)_i>
         ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # ||(BA)_i||^2 via the r x r Gram
         n_sq = self._base_row_sq(w0) + (2 * s) * cross + (s * s) * ba_sq

@@ -51,7 +51,8 @@ def resolve_variant(mora_type: str | int, r: int) -> str:
     if mora_type in VARIANTS:
         return str(mora_type)
     raise ValueError(
-        f"Unknown `mora_type` {mora_type!r}; choose 'auto', one of {list(VARIANTS)} or a reference type {sorted(_TYPE_ALIASES)}"
+        f"Unknown `mora_type` {mora_type!r}; choose 'auto', one of {list(VARIANTS)} "
+        f"or a reference type {sorted(_TYPE_ALIASES)}"
     )
 
 
