@@ -135,15 +135,28 @@ class DoRA(LowRankFactors):
     # -- forward and merge ---------------------------------------------------------------
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
+        """`y = c * (W0 x_d + s B A x_d) + rest`, with `rest = b` (no dropout) or `W0 x + b - W0 x_d`.
+
+        This equals peft's `base + (c - 1) W0 x_d + c s B A x_d` but saves one `T x out`
+        tensor for backward instead of two (`_ScaleRows`), and reuses the base output when
+        there is no dropout (reference/dora.md §1.5 items 6-7).
+        """
         w0 = layer.base_weight()
+        bias = layer.bias
         if isinstance(self.dropout, nn.Identity) or not self.training:
             x_d = x
-            plain = base_out if layer.bias is None else base_out - layer.bias  # reuse: no 2nd matmul
+            plain = base_out if bias is None else base_out - bias  # reuse: no second base matmul
+            rest = bias
         else:
             x_d = self.dropout(x)
             plain = F.linear(x_d, w0)  # peft semantics: dropout only on the delta
-        c = self.scale(w0, base_out.dtype)
-        return base_out + (c - 1) * plain + c * self.lora_delta(x_d).to(base_out.dtype)
+            rest = base_out - plain
+        z = self.add_lora_delta(plain, x_d)  # W0 x_d + s B A x_d
+        if torch.is_grad_enabled() and (self.magnitude.requires_grad or z.requires_grad):
+            y = _ScaleRows.apply(z, self.magnitude, self.weight_norm(w0))
+        else:
+            y = z * self.scale(w0, z.dtype)
+        return y if rest is None else y + rest
 
     def _direction(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         v = weight + self.low_rank_weight().to(weight.dtype)  # (out, in)
@@ -169,3 +182,28 @@ class DoRA(LowRankFactors):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}"
+
+
+class _ScaleRows(torch.autograd.Function):
+    """`y = z * (m / n)` over the last dim, saving only `z` (and two `(out,)` vectors).
+
+    `n` is DoRA's detached norm: it gets no gradient (paper §4.3). Autograd on the plain
+    expression would also keep `m / n`'s operands; the win over peft's formula is that
+    `W0 x` and `B A x` are not both kept.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, magnitude: Tensor, norm: Tensor) -> Tensor:  # noqa: ANN001
+        scale = (magnitude / norm).to(z.dtype)
+        ctx.save_for_backward(z, scale, norm)
+        return z * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+        z, scale, norm = ctx.saved_tensors
+        grad_z = grad * scale if ctx.needs_input_grad[0] else None
+        grad_m = None
+        if ctx.needs_input_grad[1]:
+            flat = (grad * z).reshape(-1, z.shape[-1])
+            grad_m = flat.sum(0, dtype=norm.dtype) / norm
+        return grad_z, grad_m, None

@@ -65,6 +65,14 @@ class LowRankFactors(AdapterMethod):
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return F.linear(F.linear(x, a), b) * self.scaling
 
+    def add_lora_delta(self, out: Tensor, x: Tensor) -> Tensor:
+        """`out + s * B A x` as one fused matmul-add (`addmm`): no separate scale and add passes."""
+        a = self.lora_A.to(x.dtype)
+        b_scaled = (self.lora_B * self.scaling).to(out.dtype)  # (out, r): scaling folded into B
+        h = F.linear(x, a).to(out.dtype)  # (..., r)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b_scaled.t())
+        return flat.view(out.shape)
+
     def low_rank_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
@@ -79,7 +87,7 @@ class LoRA(LowRankFactors):
     method = "lora"
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
-        return base_out + self.lora_delta(self.dropout(x)).to(base_out.dtype)
+        return self.add_lora_delta(base_out, self.dropout(x))
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.low_rank_weight().to(weight.dtype)

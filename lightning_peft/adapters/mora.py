@@ -71,6 +71,8 @@ def _wrap_pad(x: Tensor, total: int) -> Tensor:
     k = x.shape[-1]
     if total == k:
         return x
+    if total <= 2 * k:  # the common case: one copy
+        return torch.cat([x, x[..., : total - k]], dim=-1)
     reps = -(-total // k)
     return torch.cat([x] * reps, dim=-1)[..., :total]
 
@@ -107,6 +109,18 @@ def _interleave(u: Tensor, size: int) -> Tensor:
 def _tile(u: Tensor, size: int) -> Tensor:
     """`h_j = u_{j mod len(u)}` for j < size."""
     return _wrap_pad(u, size)
+
+
+def _add_tiled(out: Tensor, u: Tensor) -> Tensor:
+    """`out + tile(u)` with a broadcast add over whole tiles (the tile is never materialised)."""
+    d, r_hat = out.shape[-1], u.shape[-1]
+    whole = d // r_hat
+    if whole == 0:
+        return out + u[..., :d]
+    head = (out[..., : whole * r_hat].unflatten(-1, (whole, r_hat)) + u.unsqueeze(-2)).flatten(-2)
+    if whole * r_hat == d:
+        return head
+    return torch.cat([head, out[..., whole * r_hat :] + u[..., : d - whole * r_hat]], dim=-1)
 
 
 def _rotate_half(c: Tensor) -> Tensor:
@@ -165,30 +179,62 @@ class MoRA(AdapterMethod):
         x = _wrap_pad(x, self.chunks * self.r_hat)
         return x.reshape(*x.shape[:-1], self.chunks, self.r_hat)
 
-    def _rotate(self, c: Tensor) -> Tensor:
-        cos, sin = self.rope_cos.to(c.dtype), self.rope_sin.to(c.dtype)
-        return c * cos + _rotate_half(c) * sin
+    def _strided_sum(self, x: Tensor) -> Tensor:
+        """`z_i = sum_c x~_{cR+i}`: a view-and-sum over the whole chunks plus one wrapped chunk."""
+        k, r_hat = self.in_features, self.r_hat
+        whole = k // r_hat
+        rem = k - whole * r_hat
+        if whole == 0 or r_hat - rem > k:  # padding longer than the input: generic wrap
+            return self._chunks(x).sum(-2)
+        z = x[..., : whole * r_hat].unflatten(-1, (whole, r_hat)).sum(-2)  # a view of x, no copy
+        if rem:
+            z = z + torch.cat([x[..., whole * r_hat :], x[..., : r_hat - rem]], dim=-1)
+        return z
+
+    def _rope_blocks(self, m: Tensor) -> Tensor:
+        """`P_i = M Rot_i` for every chunk, `(n, R, R)`: the rotation folded into M once per call.
+
+        Column q of `M Rot_i` is `M[:, q] cos + M[:, q+h] sin`, column q+h is
+        `M[:, q+h] cos - M[:, q] sin` (half-split pairing, reference/mora.md §4.3).
+        """
+        h = self.r_hat // 2
+        m_rot = torch.cat([m[:, h:], -m[:, :h]], dim=1)
+        cos, sin = self.rope_cos.to(m.dtype)[:, None, :], self.rope_sin.to(m.dtype)[:, None, :]
+        return m * cos + m_rot * sin
+
+    def _rope_delta(self, x: Tensor, m: Tensor) -> Tensor:
+        """Per-chunk products `y_i = P_i c_i` as one batched matmul; returns `(..., nR)`."""
+        blocks = self._rope_blocks(m) if self.variant == "rope" else m.expand(self.chunks, -1, -1)
+        c = self._chunks(x)  # (..., n, R)
+        lead = c.shape[:-2]
+        c = c.reshape(-1, self.chunks, self.r_hat).transpose(0, 1)  # (n, T, R)
+        y = torch.bmm(c, blocks.transpose(1, 2))  # (n, T, R)
+        return y.transpose(0, 1).reshape(*lead, self.chunks * self.r_hat)
 
     def mora_delta(self, x: Tensor) -> Tensor:
         """`f_decomp(M f_comp(x))` for an already dropped-out `x`."""
         m = self.mora_M.to(x.dtype)
         d, k, r_hat, v = self.out_features, self.in_features, self.r_hat, self.variant
         if v in ("rope", "decouple"):
-            c = self._chunks(x)  # (..., n, R)
-            if v == "rope":
-                c = self._rotate(c)
-            y = F.linear(c, m).flatten(-2)  # (..., nR)
+            y = self._rope_delta(x, m)
             return y[..., :d] if d <= y.shape[-1] else _tile(y, d)
         if v == "truncation":
             z = x[..., :r_hat] if k >= r_hat else F.pad(x, (0, r_hat - k))
             u = F.linear(z, m)
             return u[..., :d] if d <= r_hat else F.pad(u, (0, d - r_hat))
-        z = self._chunks(x).sum(-2) if v in ("sharing", "type4") else _block_sums(x, r_hat)  # (..., R)
+        z = self._strided_sum(x) if v in ("sharing", "type4") else _block_sums(x, r_hat)  # (..., R)
         u = F.linear(z, m)  # (..., R)
         return _tile(u, d) if v in ("sharing", "type3") else _interleave(u, d)
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
-        return base_out + self.mora_delta(self.dropout(x)).to(base_out.dtype)
+        x = self.dropout(x)
+        if self.variant in ("sharing", "type3"):  # add the tiled output without materialising the tile
+            u = F.linear(
+                self._strided_sum(x) if self.variant == "sharing" else _block_sums(x, self.r_hat),
+                self.mora_M.to(x.dtype),
+            )
+            return _add_tiled(base_out, u.to(base_out.dtype))
+        return base_out + self.mora_delta(x).to(base_out.dtype)
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """Dense `(out, in)` update built by index maps (no loop over columns)."""
