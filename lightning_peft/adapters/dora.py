@@ -193,13 +193,13 @@ class _ScaleRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, magnitude: Tensor, norm: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, z: Tensor, magnitude: Tensor, norm: Tensor) -> Tensor:
         scale = (magnitude / norm).to(z.dtype)
         ctx.save_for_backward(z, scale, norm)
         return z * scale
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         z, scale, norm = ctx.saved_tensors
         grad_z = grad * scale if ctx.needs_input_grad[0] else None
         grad_m = None

@@ -69,8 +69,8 @@ def mora_rank(in_features: int, out_features: int, r: int, variant: str) -> int:
 def _wrap_pad(x: Tensor, total: int) -> Tensor:
     """`x~_p = x_{p mod k}` for p < total (repeats x when the padding exceeds k)."""
     k = x.shape[-1]
-    if total == k:
-        return x
+    if total <= k:
+        return x[..., :total]
     if total <= 2 * k:  # the common case: one copy
         return torch.cat([x, x[..., : total - k]], dim=-1)
     reps = -(-total // k)
