@@ -13,7 +13,8 @@ Where it acts, and why (reference/lightning.md §1, verified on Lightning 2.6):
 - Before any checkpoint weights are loaded, the stored plan and tensor shapes are compared
   with the live model, so a checkpoint from another policy never loads silently.
 - `on_fit_start` stops the run when a trainable parameter is in no optimizer param group
-  (an optimizer built too early trains nothing).
+  (an optimizer built too early trains nothing), and drops frozen tensors from the param
+  groups, so `AdamW(self.parameters())` ends up holding exactly the adapters.
 """
 
 from __future__ import annotations
@@ -144,10 +145,12 @@ class AdapterCallback(Callback):
         self._warn_about_trainer(trainer)
         try:
             self.inject(pl_module)
-        except PolicyError as err:
-            if not (is_overridden("configure_model", pl_module) and "matches no module" in str(err)):
+        except PolicyError:
+            # The targeted layers (or the whole block stack, for depth rules) may only be built in
+            # `configure_model`: retry there; a policy that still does not fit raises the same error.
+            if not is_overridden("configure_model", pl_module):
                 raise
-            self._inject_after_configure_model(pl_module)  # layers are built later
+            self._inject_after_configure_model(pl_module)
         if self.adapter_only_checkpoint:
             pl_module.strict_loading = False
         self._guard_checkpoint_loading(pl_module)
@@ -197,6 +200,12 @@ class AdapterCallback(Callback):
                 "The optimizer was built before the adapters were injected (in __init__, or by LightningCLI's "
                 "automatic optimizer); build it in configure_optimizers from the module's parameters."
             )
+        # `AdamW(self.parameters())` also holds the frozen base: keep only trainable tensors so the
+        # optimizer (and its checkpointed state) sees the adapters alone. This runs before Lightning
+        # restores optimizer state on resume, so saved and live param groups line up.
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if p.requires_grad]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is not None and trainer.is_global_zero:

@@ -12,6 +12,7 @@ before it changes a single tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -96,7 +97,9 @@ def inject_adapters(model: nn.Module, policy: LayerPolicy | Plan | str | Path | 
         if row.method == "full":
             module.requires_grad_(True)
             continue
-        adapter = get_adapter_class(row.method)(row.in_features, row.out_features, **row.hparams)
+        # Build on the base's device when it is `meta`: a meta model then allocates nothing at all.
+        with torch.device("meta") if module.weight.is_meta else contextlib.nullcontext():
+            adapter = get_adapter_class(row.method)(row.in_features, row.out_features, **row.hparams)
         layer = AdapterLinear(module, adapter)
         layer.name = row.name
         _replace(model, raw_name, layer)
@@ -257,7 +260,13 @@ def load_adapters(model: nn.Module, directory: str | Path) -> Plan:
         _check_plan_fits(model, plan, _modules_by_name(model))
         _check_state_against_plan(plan, tensors)
         inject_adapters(model, plan)
-    check_adapter_state(model, tensors)
+        try:  # `full` weights and unexpected keys are only checkable on the injected model
+            check_adapter_state(model, tensors)
+        except AdapterStateError:
+            remove_adapters(model)
+            raise
+    else:
+        check_adapter_state(model, tensors)
     load_adapter_state(model, tensors)
     return plan
 

@@ -20,7 +20,9 @@ rule) or `full` (train that module's own weights: the per-layer full fine-tuning
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import fnmatch
 import json
 import re
@@ -347,6 +349,34 @@ def _method_errors(rule: Rule, label: str) -> None:
         raise PolicyError(f"{label}: {err}") from None
 
 
+def _check_rule_mappings(rules: Any, source: str) -> None:
+    """Unknown keys and bad depth selectors in raw rule mappings, reported with the rule's index."""
+    if not isinstance(rules, list):
+        return
+    rule_keys = [f.name for f in dataclasses.fields(Rule)]
+    depth_keys = [f.name for f in dataclasses.fields(DepthSelector)]
+    for i, raw in enumerate(rules):
+        if not isinstance(raw, dict):
+            continue
+        label = (
+            f"rule {i} ({raw['name']})"
+            if raw.get("name")
+            else f"rule {i} ({raw.get('method')} on {raw.get('modules')})"
+        )
+        for keys, valid, where in ((raw, rule_keys, "rule"), (raw.get("depth"), depth_keys, "depth selector")):
+            if not isinstance(keys, dict):
+                continue
+            for key in sorted(set(keys) - set(valid)):
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PolicyError(f"{source}: {label}: unknown {where} key {key!r}{hint}; valid keys: {valid}")
+        if isinstance(raw.get("depth"), dict):
+            try:
+                DepthSelector(**raw["depth"])
+            except (PolicyError, TypeError) as err:
+                raise PolicyError(f"{source}: {label}: {err}") from None
+
+
 @dataclass
 class LayerPolicy:
     """An ordered list of rules (first match wins) plus optional overrides.
@@ -402,6 +432,8 @@ class LayerPolicy:
 
         if not isinstance(data, dict):
             raise PolicyError(f"{source}: a policy must be a mapping with `rules`, got {type(data).__name__}")
+        data = copy.deepcopy(data)  # jsonargparse rewrites nested mappings in place
+        _check_rule_mappings(data.get("rules"), source)  # errors that name the rule (jsonargparse's do not)
         parser = ArgumentParser(exit_on_error=False)
         parser.add_class_arguments(cls, "policy")
         try:
