@@ -97,6 +97,21 @@ def _plan_mismatch(stored: Plan, live: Plan) -> str:
     return "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
 
 
+def first_non_finite(module: torch.nn.Module, grads: bool) -> str | None:
+    """Name of the first trainable parameter whose value (or gradient) holds NaN/inf, else `None`.
+
+    One device sync for all tensors: the per-tensor checks are stacked before reading them.
+    """
+    named = [(n, p.grad if grads else p) for n, p in module.named_parameters() if p.requires_grad]
+    named = [(n, t) for n, t in named if t is not None]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
+
+
 def missing_from_optimizers(pl_module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[str]:
     """Names of trainable parameters that no optimizer param group holds."""
     held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
@@ -112,6 +127,9 @@ class AdapterCallback(Callback):
         merge_at_end: merge all adapters into the base weights when `fit` ends.
         export_dir: if set, write `adapters.safetensors` + `plan.json` there when `fit` ends.
         verbose: print the plan table on rank zero.
+        check_finite: stop with an error naming the module when a trainable tensor's gradient is
+            NaN/inf (before the optimizer step writes it into the weights), and refuse to save a
+            checkpoint holding non-finite trainable weights.
     """
 
     def __init__(
@@ -121,8 +139,10 @@ class AdapterCallback(Callback):
         merge_at_end: bool = False,
         export_dir: str | None = None,
         verbose: bool = True,
+        check_finite: bool = True,
     ) -> None:
         self.policy = LayerPolicy.load(policy)
+        self.check_finite = check_finite
         self.adapter_only_checkpoint = adapter_only_checkpoint
         self.merge_at_end = merge_at_end
         self.export_dir = export_dir
@@ -207,6 +227,17 @@ class AdapterCallback(Callback):
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p.requires_grad]
 
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.check_finite:
+            bad = first_non_finite(pl_module, grads=True)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"Non-finite gradient in {bad} at step {trainer.global_step} (NaN/inf in the batch, or an "
+                    "overflow); stopped before the optimizer step, so the weights and checkpoints are intact."
+                )
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is not None and trainer.is_global_zero:
             save_adapters(pl_module, Path(self.export_dir))
@@ -221,6 +252,10 @@ class AdapterCallback(Callback):
         plan = get_plan(pl_module)
         if plan is None:
             return
+        if self.check_finite:
+            bad = first_non_finite(pl_module, grads=False)
+            if bad is not None:
+                raise FloatingPointError(f"Refusing to save a checkpoint: trainable tensor {bad} holds NaN/inf")
         checkpoint[CHECKPOINT_KEY] = {
             "plan": plan.to_dict(),
             "policy": self.policy.to_dict(),

@@ -283,3 +283,44 @@ def test_restore_from_checkpoint_rejects_other_shapes(run6):
         restore_from_checkpoint(
             CausalLMModule(model=tiny_llama(intermediate_size=48)), run6[True]["root"] / "step=6.ckpt"
         )
+
+
+def test_nan_batch_stops_before_the_weights_change(tmp_path):
+    """A NaN in the batch: fit stops naming a module; no step, no checkpoint with NaN weights."""
+    import lightning as L
+    import pytest
+    import torch
+    from helpers import CausalLMModule
+
+    from lightning_peft import AdapterCallback, adapter_state_dict
+
+    class NaNEmbeddings(CausalLMModule):
+        def training_step(self, batch, batch_idx):
+            (tokens,) = batch
+            embeds = self.model.get_input_embeddings()(tokens)
+            if self.global_step == 2:
+                embeds = embeds.clone()
+                embeds[0, 0, 0] = float("nan")
+            loss = self.model(inputs_embeds=embeds, labels=tokens).loss
+            return loss
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 32, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
+    model = NaNEmbeddings()
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[AdapterCallback("lora_all", verbose=False), ckpt_cb],
+    )
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradient in model\.model\.layers\.\d+\..*at step 2"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 2
+    assert all(torch.isfinite(t).all() for t in adapter_state_dict(model).values())
+    for path in tmp_path.glob("*.ckpt"):
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values()), path
