@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["UUID_LENGTH", "CharTokenizer", "UUIDMemorization", "make_uuid_pairs"]
 
@@ -115,6 +115,29 @@ def make_uuid_pairs(num_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
     if len({k for k, _ in pairs}) != num_pairs:  # 2**-122 collision odds; checked anyway
         raise RuntimeError("duplicate UUID keys generated")
     return pairs
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a permutation drawn from `seed + epoch`, not from a running generator.
+
+    The order of epoch k is therefore the same in an uninterrupted run and in a run resumed
+    from a checkpoint at an epoch boundary (Lightning calls `set_epoch` every epoch).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class _TrainSet(Dataset):
@@ -249,12 +272,10 @@ class UUIDMemorization(LightningDataModule):
             self._eval = _EvalSet(self.pairs[:n_eval], self.tokenizer)
 
     def _loader(self, dataset: Dataset, collate, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,

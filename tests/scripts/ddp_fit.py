@@ -1,0 +1,77 @@
+"""Two-process CPU DDP fit with AdapterCallback (launched by tests/test_distributed.py).
+
+Lightning's `ddp` strategy re-launches this script for rank 1. Every rank writes its
+adapter tensors after training so the test can compare them across ranks.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_peft import AdapterCallback, adapter_state_dict
+
+POLICY = {
+    "rules": [
+        {"method": "mora", "modules": ["*"], "depth": {"outer": 1}, "hparams": {"r": 4}},
+        {"method": "dora", "modules": ["*"], "depth": {"inner": 1}, "hparams": {"r": 4}},
+    ]
+}
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=32,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+            self.model = LlamaForCausalLM(config)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        loss = self.model(input_ids=tokens, labels=tokens).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def main(out: Path, diagnostics: bool) -> None:
+    L.seed_everything(1)  # the same seed on both ranks: adapters start identical, data shards differ
+    tokens = torch.randint(0, 32, (64, 12), generator=torch.Generator().manual_seed(0))
+    callbacks = [AdapterCallback(POLICY)]
+    if diagnostics:
+        from lightning_peft.diagnostics import UpdateDiagnostics
+
+        callbacks.append(UpdateDiagnostics(every_n_steps=2, plots=False))
+    trainer = L.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_steps=6,
+        callbacks=callbacks,
+        default_root_dir=str(out),
+        logger=L.pytorch.loggers.CSVLogger(str(out), name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = TinyLM()
+    trainer.fit(model, DataLoader(TensorDataset(tokens), batch_size=8))
+    state = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+    torch.save(state, out / f"adapters_rank{trainer.global_rank}.pt")
+    trainer.save_checkpoint(out / "final.ckpt")  # Lightning writes it on rank zero only
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), diagnostics=len(sys.argv) > 2 and sys.argv[2] == "diagnostics")
