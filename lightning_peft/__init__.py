@@ -2,6 +2,7 @@
 
 from .adapters import ADAPTERS, AdapterLinear, DoRA, LoRA, MoRA, register_adapter
 from .callback import AdapterCallback, restore_from_checkpoint
+from .diagnostics import UpdateDiagnostics, render_report
 from .inject import (
     AdapterStateError,
     adapter_state_dict,
@@ -31,6 +32,7 @@ __all__ = [
     "Plan",
     "PolicyError",
     "Rule",
+    "UpdateDiagnostics",
     "__version__",
     "adapter_state_dict",
     "find_adapters",
@@ -40,6 +42,7 @@ __all__ = [
     "merge_adapters",
     "register_adapter",
     "remove_adapters",
+    "render_report",
     "restore_from_checkpoint",
     "save_adapters",
     "unmerge_adapters",

@@ -402,3 +402,23 @@ def test_lora_reference_formula():
     x = torch.randn(6, IN)
     expected = layer.base(x) + s * x @ ad.lora_A.detach().T @ ad.lora_B.detach().T
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_norm_does_not_overflow_in_fp16():
+    """Row norms of large fp16 weights exceed fp16's range (65504); DoRA computes them in fp32."""
+    from torch import nn
+
+    from lightning_peft.adapters import AdapterLinear, DoRA
+
+    base = nn.Linear(256, 8, bias=False).half()
+    with torch.no_grad():
+        base.weight.fill_(40.0)  # row norm 640, squared 409600 > 65504
+    layer = AdapterLinear(base, DoRA(256, 8, r=4))
+    assert layer.adapter.magnitude.dtype == torch.float32
+    torch.testing.assert_close(layer.adapter.magnitude, torch.full((8,), 640.0))
+    with torch.no_grad():
+        layer.adapter.lora_B.normal_()
+    norm = layer.adapter.weight_norm(base.weight)
+    expected = torch.linalg.vector_norm(base.weight.float() + layer.adapter.low_rank_weight(), dim=1)
+    assert torch.isfinite(norm).all()
+    torch.testing.assert_close(norm, expected, rtol=1e-4, atol=1e-3)

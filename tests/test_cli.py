@@ -45,6 +45,7 @@ def _short_run(tmp_path: Path, steps: int = 4) -> Path:
         },
         "diagnostics": {"every_n_steps": 2},
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(override))
     return path

@@ -91,7 +91,10 @@ class DoRA(LowRankFactors):
         a = self.lora_A.to(dtype)  # (r, in)
         b = self.lora_B.to(dtype)  # (out, r)
         s = self.scaling
-        w0a = F.linear(self.lora_A.to(w0.dtype), w0).to(dtype)  # (r, out) = A W0^T
+        if w0.dtype == torch.float16:  # fp16's range is small: the cross term could overflow
+            w0a = F.linear(a, w0.to(dtype))  # (r, out) = A W0^T
+        else:
+            w0a = F.linear(self.lora_A.to(w0.dtype), w0).to(dtype)  # (r, out) = A W0^T
         cross = (w0a.t() * b).sum(dim=1)  # <W0_i, (BA)_i>
         ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # ||(BA)_i||^2 via the r x r Gram
         n_sq = self._base_row_sq(w0) + (2 * s) * cross + (s * s) * ba_sq
