@@ -462,6 +462,8 @@ def test_module_selection_and_argument_errors(tmp_path):
     ]:
         with pytest.raises(ValueError, match=match):
             UpdateDiagnostics(**kwargs)
+    with pytest.raises(FileNotFoundError, match="No diagnostics table"):
+        render_report(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="matches no adapted module"):
         fit(LlamaModule(HYBRID, layers=2), [UpdateDiagnostics(modules=["nothing_here"])], tmp_path, max_steps=1)
 

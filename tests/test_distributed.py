@@ -44,7 +44,9 @@ def test_plan_and_diagnostics_written_once(ddp_run):
     assert len(csvs) == 1
     rows = csvs[0].read_text().strip().splitlines()
     steps = {line.split(",")[0] for line in rows[1:]}
-    assert len(rows) - 1 == len(steps) * 16  # 16 adapted modules per logged step, no duplicate rank rows
+    modules = {line.split(",")[1] for line in rows[1:]}
+    assert len(modules) == 28  # 4 blocks x 7 Linear layers
+    assert len(rows) - 1 == len(steps) * len(modules)  # one row per (step, module): no duplicate rank rows
 
 
 def test_ddp_checkpoint_resumes_in_one_process(ddp_run):
@@ -63,8 +65,13 @@ def test_ddp_checkpoint_resumes_in_one_process(ddp_run):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
     model = TinyLM()
     trainer = L.Trainer(
-        max_steps=8, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, callbacks=[AdapterCallback(POLICY, verbose=False)],
+        max_steps=8,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[AdapterCallback(POLICY, verbose=False)],
     )
     trainer.fit(model, data, ckpt_path=ckpt)
     assert trainer.global_step == 8

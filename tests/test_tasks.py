@@ -82,7 +82,11 @@ def test_uuid_batches_are_deterministic_and_shaped():
     def epochs(dm: UUIDMemorization, n: int = 2) -> list[list[torch.Tensor]]:
         dm.setup("fit")
         loader = dm.train_dataloader()
-        return [[b["input_ids"] for b in loader] for _ in range(n)]
+        out = []
+        for epoch in range(n):
+            loader.sampler.set_epoch(epoch)  # what Lightning's fit loop does every epoch
+            out.append([b["input_ids"] for b in loader])
+        return out
 
     a = epochs(UUIDMemorization(num_pairs=40, batch_size=8, seed=1))
     b = epochs(UUIDMemorization(num_pairs=40, batch_size=8, seed=1))
@@ -90,6 +94,12 @@ def test_uuid_batches_are_deterministic_and_shaped():
     assert all(torch.equal(x, y) for ea, eb in zip(a, b, strict=True) for x, y in zip(ea, eb, strict=True))
     assert not torch.equal(torch.cat(a[0]), torch.cat(a[1]))  # reshuffled each epoch
     assert not torch.equal(torch.cat(a[0]), torch.cat(c[0]))
+    # the order of an epoch depends only on (seed, epoch): a resumed run sees the same batches
+    fresh = UUIDMemorization(num_pairs=40, batch_size=8, seed=1)
+    fresh.setup("fit")
+    loader = fresh.train_dataloader()
+    loader.sampler.set_epoch(1)
+    assert all(torch.equal(x, y) for x, y in zip(a[1], [b["input_ids"] for b in loader], strict=True))
 
     dm = UUIDMemorization(num_pairs=40, batch_size=8, seed=1)
     dm.setup("fit")
