@@ -26,47 +26,53 @@ def _check(preds: Sequence[str], targets: Sequence[str]) -> None:
         raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
 
 
-class CharAccuracy(Metric):
+class _StringRatio(Metric):
+    """Summed per-sample scores over summed per-sample weights (both reduced by sum across ranks)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @staticmethod
+    def _score(pred: str, target: str) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def _weight(target: str) -> int:
+        raise NotImplementedError
+
+    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
+        _check(preds, targets)
+        self.correct += sum(self._score(p, t) for p, t in zip(preds, targets, strict=True))
+        self.total += sum(self._weight(t) for t in targets)
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()
+
+
+class CharAccuracy(_StringRatio):
     """Character-level accuracy: correct characters / target characters, over all samples.
 
     Every target character counts (hyphens of a UUID included). With equal-length targets this equals the mean
     per-sample fraction of correct characters.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
-        _check(preds, targets)
-        self.correct += sum(char_matches(p, t) for p, t in zip(preds, targets, strict=True))
-        self.total += sum(len(t) for t in targets)
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1).float()
+    _score = staticmethod(char_matches)
+    _weight = staticmethod(len)
 
 
-class ExactMatch(Metric):
+class ExactMatch(_StringRatio):
     """Fraction of predictions equal to their target string."""
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
+    @staticmethod
+    def _score(pred: str, target: str) -> int:
+        return int(pred == target)
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
-        _check(preds, targets)
-        self.correct += sum(p == t for p, t in zip(preds, targets, strict=True))
-        self.total += len(targets)
-
-    def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1).float()
+    @staticmethod
+    def _weight(target: str) -> int:
+        return 1
