@@ -92,13 +92,13 @@ class DoRA(LowRankFactors):
         b = self.lora_B.to(dtype)  # (out, r)
         s = self.scaling
         if w0.dtype == torch.float16:  # fp16's range is small: the cross term could overflow
-            w0a = F.linear(a, w0.to(dtype))  # (r, out) = A W0^T
+            w0a = F.linear(w0.to(dtype), a)  # (out, r) = W0 A^T
         else:
-            w0a = F.linear(self.lora_A.to(w0.dtype), w0).to(dtype)  # (r, out) = A W0^T
-        cross = (w0a.t() * b).sum(dim=1)  # <W0_i, (BA)_i>
-        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # ||(BA)_i||^2 via the r x r Gram
-        n_sq = self._base_row_sq(w0) + (2 * s) * cross + (s * s) * ba_sq
-        return n_sq.clamp_min(0).sqrt().clamp_min(self.eps)
+            w0a = F.linear(w0, self.lora_A.to(w0.dtype)).to(dtype)  # (out, r) = W0 A^T
+        # n_i^2 - ||W0_i||^2 = sum_k B[i,k] * (2s (W0 A^T)[i,k] + s^2 (B A A^T)[i,k]): one addmm, one dot
+        inner = torch.addmm(w0a, b, a @ a.t(), beta=2 * s, alpha=s * s)  # (out, r)
+        n_sq = torch.linalg.vecdot(b, inner).add_(self._base_row_sq(w0))
+        return n_sq.clamp_min_(0).sqrt_().clamp_min_(self.eps)
 
     def init_from_base(self, layer: AdapterLinear) -> None:
         self.reset_magnitude(layer)

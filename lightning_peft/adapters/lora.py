@@ -66,11 +66,10 @@ class LowRankFactors(AdapterMethod):
         return F.linear(F.linear(x, a), b) * self.scaling
 
     def add_lora_delta(self, out: Tensor, x: Tensor) -> Tensor:
-        """`out + s * B A x` as one fused matmul-add (`addmm`): no separate scale and add passes."""
-        a = self.lora_A.to(x.dtype)
-        b_scaled = (self.lora_B * self.scaling).to(out.dtype)  # (out, r): scaling folded into B
+        """`out + s * B A x` as one fused matmul-add (`addmm`, scaling as its alpha): no extra passes."""
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(out.dtype)
         h = F.linear(x, a).to(out.dtype)  # (..., r)
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b_scaled.t())
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
         return flat.view(out.shape)
 
     def low_rank_weight(self) -> Tensor:
