@@ -22,6 +22,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callback import AdapterCallback, print_plan
 from .diagnostics import UpdateDiagnostics
+from .inject import AdapterStateError
+from .policy import PolicyError
 
 
 class PeftTrainer(pl.Trainer):
@@ -53,7 +55,10 @@ class PeftCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         # Same steps as LightningCLI.instantiate_classes, with injection before the optimizer.
-        self.config_init = self.parser.instantiate_classes(self.config)
+        try:
+            self.config_init = self.parser.instantiate_classes(self.config)
+        except ValueError as err:  # e.g. a PolicyError raised while building `adapters`
+            self.parser.error(str(err))  # jsonargparse's usage + message, exit code 2, before any training
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         if self.subcommand != "plan":
@@ -104,7 +109,11 @@ def main(args: list[str] | None = None) -> None:
 
         CLI(report, args=argv[1:])
         return
-    PeftCLI(args=argv)
+    try:
+        PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
+    except (PolicyError, AdapterStateError) as err:  # bad policy / adapter state: a message, not a traceback
+        print(f"lightning-peft: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -126,12 +126,23 @@ def test_bad_config_fails_before_training(patch, message, tmp_path, capsys):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_bad_policy_fails_before_training(tmp_path):
+def test_bad_policy_fails_before_training(tmp_path, capsys):
     bad = tmp_path / "policy.yaml"
     bad.write_text("rules:\n  - method: lora\n    modules: [q_proj]\n    hparams: {rnak: 8}\n")
-    with pytest.raises((SystemExit, ValueError)) as info:
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/uuid_lora.yaml", "--adapters.policy", str(bad), "--trainer.logger", "false"])
-    assert "rnak" in str(info.value) or isinstance(info.value, SystemExit)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "rnak" in err and "rule 0" in err
+
+
+def test_policy_yaml_syntax_error_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("rules:\n  - method: lora\n    modules: [q_proj\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", "configs/uuid_lora.yaml", "--adapters.policy", str(bad)])
+    assert exit_info.value.code != 0
+    assert "broken.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.slow
