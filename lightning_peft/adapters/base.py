@@ -14,6 +14,7 @@ trainable tensors in their own unit (reference/lightning.md §1.2).
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -77,7 +78,7 @@ def adapter_param_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class AdapterMethod(nn.Module):
+class AdapterMethod(nn.Module, ABC):
     """One adapter method's trainable tensors and math.
 
     Subclasses set `method` (the registry/policy name), take `in_features`, `out_features`
@@ -93,20 +94,20 @@ class AdapterMethod(nn.Module):
         self.out_features = out_features
 
     @classmethod
+    @abstractmethod
     def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
         """Trainable parameters for a layer of this shape, without building it (used by plans)."""
-        raise NotImplementedError
 
     def init_from_base(self, layer: AdapterLinear) -> None:
         """Hook run once the base layer is attached (DoRA reads W0 here)."""
 
+    @abstractmethod
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
         """Return the layer output given the input and the base layer's output (bias included)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def delta_weight(self, weight: Tensor) -> Tensor:
         """Dense `(out, in)` update so that `W_eff = weight + delta_weight(weight)`."""
-        raise NotImplementedError
 
     def merge_weight(self, weight: Tensor) -> Tensor:
         """Return the merged weight; additive methods need nothing more."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -38,13 +38,8 @@ class _StringRatio(Metric):
         self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    @staticmethod
-    def _score(pred: str, target: str) -> int:
-        raise NotImplementedError
-
-    @staticmethod
-    def _weight(target: str) -> int:
-        raise NotImplementedError
+    _score: Callable[[str, str], int]  # per-sample score, set by subclasses
+    _weight: Callable[[str], int]  # per-sample weight, set by subclasses
 
     def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
         _check(preds, targets)
