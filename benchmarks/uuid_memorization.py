@@ -48,11 +48,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--only", nargs="+", default=list(RUNS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--lr", type=float, default=None, help="override the learning rate of every selected run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for key in args.only:
         label, policy, lr = RUNS[key]
+        lr = args.lr if args.lr is not None else lr
         accs, trainable, elapsed = evaluate_run(key, args)
         rows.append((label, trainable, lr, accs, elapsed))
         print(f"{label}: {accs} ({elapsed:.0f} s)", flush=True)
@@ -76,6 +78,7 @@ def main() -> None:
 def evaluate_run(key: str, args: argparse.Namespace) -> tuple[dict[int, float], int, float]:
     """Train once to `args.steps`, validating (greedy generation) at each step count in `args.at`."""
     label, policy, lr = RUNS[key]
+    lr = args.lr if args.lr is not None else lr
     L.seed_everything(0, verbose=False)
     model = CausalLM(hidden_size=128, intermediate_size=256, num_hidden_layers=6, lr=lr)
     data = UUIDMemorization(num_pairs=args.pairs, batch_size=32, seed=0)
