@@ -163,6 +163,28 @@ def test_seed_everything_reproduces_metrics(tmp_path):
 
 
 @pytest.mark.slow
+def test_validate_on_a_fresh_module_from_the_fit_checkpoint(tmp_path, capsys):
+    main(["fit", "--config", "configs/uuid_hybrid.yaml", "--config", str(_short_run(tmp_path))])
+    capsys.readouterr()
+    ckpt = str(tmp_path / "ckpts" / "last.ckpt")
+    main(
+        [
+            "validate",
+            "--config",
+            "configs/uuid_hybrid.yaml",
+            "--ckpt_path",
+            ckpt,
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "val_char_acc" in out and "val_loss" in out
+
+
+@pytest.mark.slow
 def test_report_re_renders_a_finished_run(tmp_path, capsys):
     main(["fit", "--config", "configs/uuid_mora.yaml", "--config", str(_short_run(tmp_path))])
     run = tmp_path / "run" / "version_0"
