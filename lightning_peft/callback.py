@@ -26,11 +26,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from .inject import (
     AdapterStateError,
+    atomic_write,
     find_adapters,
     get_plan,
     inject_adapters,
@@ -95,6 +97,23 @@ def _plan_mismatch(stored: Plan, live: Plan) -> str:
         if a[n] != b[n]
     ]
     return "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO`, but local files are written next to the target and renamed.
+
+    Lightning stages a checkpoint in the system temp dir and moves it into place; across
+    filesystems that move is a copy, which a crash can leave half-written at the final path.
+    Here a crash during a save leaves the previous file intact, never a torn one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote stores: Lightning's own path
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def first_non_finite(module: torch.nn.Module, grads: bool) -> str | None:
@@ -163,6 +182,8 @@ class AdapterCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._warn_about_trainer(trainer)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it crash-safe
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         try:
             self.inject(pl_module)
         except PolicyError:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,12 +180,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same directory and `os.replace`: never a torn file."""
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Write via a temporary file in the same directory, fsync, then `os.replace`: never a torn file.
+
+    The rename is atomic because source and target share a directory (and so a filesystem).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -202,8 +208,8 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     assert plan is not None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "lightning-peft"}))
-    _atomic_write(directory / PLAN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(plan.to_dict(), indent=1)))
+    atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "lightning-peft"}))
+    atomic_write(directory / PLAN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(plan.to_dict(), indent=1)))
     return directory
 
 

@@ -324,3 +324,42 @@ def test_nan_batch_stops_before_the_weights_change(tmp_path):
     for path in tmp_path.glob("*.ckpt"):
         state = torch.load(path, weights_only=False)["state_dict"]
         assert all(torch.isfinite(t).all() for t in state.values()), path
+
+
+def test_crash_during_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A save that dies half-way (here: torch.save writes some bytes, then raises) leaves the
+    previous checkpoint byte-identical and no partial file under the checkpoint name."""
+    import lightning as L
+
+    from lightning_peft import AdapterCallback
+    from lightning_peft.callback import AtomicCheckpointIO
+
+    model = CausalLMModule()
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[AdapterCallback("lora_all", verbose=False)],
+    )
+    trainer.fit(model, token_loader())
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"torn")  # part of a file, then the process "dies"
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
