@@ -129,10 +129,10 @@ def _parse_index(item: int | str, n: int) -> set[int]:
         if not -n <= item < n:
             raise PolicyError(f"depth index {item} is out of range for a model with {n} blocks")
         return {item % n}
-    if isinstance(item, str) and re.fullmatch(r"\s*-?\d*\s*:\s*-?\d*\s*", item):
-        start_s, stop_s = (s.strip() for s in item.split(":"))
-        start = int(start_s) if start_s else 0
-        stop = int(stop_s) if stop_s else n
+    match = re.fullmatch(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*", item) if isinstance(item, str) else None
+    if match:
+        start = int(match.group(1)) if match.group(1) else 0
+        stop = int(match.group(2)) if match.group(2) else n
         for bound in (start, stop):
             if not -n <= bound <= n:
                 raise PolicyError(f"depth range {item!r} is out of range for a model with {n} blocks")

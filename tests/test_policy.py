@@ -697,3 +697,9 @@ def test_property_resolve_only_raises_policy_error(n, attn, mlp, data):
             assert row.params == expected_params(row.method, 8, row.out_features, row.hparams)
     assert plan.trainable_params == sum(r.params for r in plan.rows)
     assert Plan.from_dict(plan.to_dict()) == plan
+
+
+def test_depth_range_with_a_bare_minus_is_a_policy_error():
+    """Found by hypothesis: ':-' once passed the range pattern and crashed in int()."""
+    with pytest.raises(PolicyError, match="depth index must be"):
+        DepthSelector(indices=[":-"]).blocks(6)
