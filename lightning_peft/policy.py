@@ -174,7 +174,7 @@ class Rule:
         return f"rule {index} ({self.name})" if self.name else f"rule {index} ({self.method} on {self.modules})"
 
     def matches_name(self, name: str) -> bool:
-        return any(_pattern_matches(p, name) for p in self.modules)
+        return any(pattern_matches(p, name) for p in self.modules)
 
 
 def _name_suffixes(name: str) -> Iterator[str]:
@@ -183,7 +183,8 @@ def _name_suffixes(name: str) -> Iterator[str]:
         yield ".".join(parts[i:])
 
 
-def _pattern_matches(pattern: str, name: str) -> bool:
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Policy name matching: a glob (or `re:<regex>`) against the name or any dotted suffix of it."""
     if pattern.startswith("re:"):
         regex = re.compile(pattern[3:])
         return any(regex.fullmatch(s) for s in _name_suffixes(name))

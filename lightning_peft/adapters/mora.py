@@ -87,7 +87,7 @@ def _block_sums(x: Tensor, blocks: int) -> Tensor:
     return torch.cat([big, small], dim=-1)
 
 
-def _block_index(n: int, blocks: int, device: torch.device) -> Tensor:
+def block_index(n: int, blocks: int, device: torch.device) -> Tensor:
     """`B_N(t)`: the block of each of `n` items under `_block_sums`' grouping."""
     q, m = divmod(n, blocks)
     t = torch.arange(n, device=device)
@@ -123,7 +123,8 @@ def _add_tiled(out: Tensor, u: Tensor) -> Tensor:
     return torch.cat([head, out[..., whole * r_hat :] + u[..., : d - whole * r_hat]], dim=-1)
 
 
-def _rotate_half(c: Tensor) -> Tensor:
+def rotate_half(c: Tensor) -> Tensor:
+    """HF-style half-split rotation partner: `[-c[h:], c[:h]]` (pairs q with q + R/2)."""
     h = c.shape[-1] // 2
     return torch.cat([-c[..., h:], c[..., :h]], dim=-1)
 
@@ -252,17 +253,17 @@ class MoRA(AdapterMethod):
             if v == "rope":  # P_i = M Rot_i; rotating the identity's rows gives Rot_i^T
                 eye = torch.eye(r_hat, dtype=m.dtype, device=dev).expand(n, r_hat, r_hat)
                 cos, sin = self.rope_cos.to(m.dtype)[:, None, :], self.rope_sin.to(m.dtype)[:, None, :]
-                blocks = m @ (eye * cos + _rotate_half(eye) * sin).transpose(-1, -2)
+                blocks = m @ (eye * cos + rotate_half(eye) * sin).transpose(-1, -2)
             full = torch.zeros(n, r_hat, n, r_hat, dtype=m.dtype, device=dev)
             idx = torch.arange(n, device=dev)
             full[idx, :, idx, :] = blocks
             full = full.reshape(n * r_hat, n * r_hat)  # block diagonal over padded inputs
             folded = torch.zeros(n * r_hat, k, dtype=m.dtype, device=dev).index_add_(1, padded % k, full)
             return folded[torch.arange(d, device=dev) % (n * r_hat)]
-        rows = torch.arange(d, device=dev) % r_hat if v in ("sharing", "type3") else _block_index(d, r_hat, dev)
+        rows = torch.arange(d, device=dev) % r_hat if v in ("sharing", "type3") else block_index(d, r_hat, dev)
         m_rows = m[rows]  # (d, R)
         if v in ("type2", "type3"):
-            return m_rows[:, _block_index(k, r_hat, dev)]
+            return m_rows[:, block_index(k, r_hat, dev)]
         # strided compression: padded position p reads x_{p mod k} and feeds z_{p mod R}
         return torch.zeros(d, k, dtype=m.dtype, device=dev).index_add_(1, padded % k, m_rows[:, padded % r_hat])
 

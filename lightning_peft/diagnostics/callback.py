@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from ..adapters.base import AdapterLinear, is_supported_layer
 from ..inject import get_plan
-from ..policy import _pattern_matches, normalise_name
+from ..policy import normalise_name, pattern_matches
 from .metrics import acc_dtype
 from .report import METRICS, TABLE_FILE, Row, append_rows, draw_figures, read_table, summary_table
 from .spectra import UpdateProbe
@@ -82,14 +82,14 @@ def build_probes(model: nn.Module, patterns: list[str] | None = None, snapshot: 
             else:
                 targets = [(row.name, row.kind, module, False)] if isinstance(module, AdapterLinear) else []
             for name, kind, owner, transpose in targets:
-                if patterns and not any(_pattern_matches(p, name) for p in patterns):
+                if patterns and not any(pattern_matches(p, name) for p in patterns):
                     continue
                 seen.add(id(owner))
                 probes.append(UpdateProbe(name, row.block, kind, row.method, owner, transpose, snapshot))
     for raw, layer in model.named_modules():  # adapters injected without a plan
         if isinstance(layer, AdapterLinear) and id(layer) not in seen:
             name = normalise_name(raw)
-            if not patterns or any(_pattern_matches(p, name) for p in patterns):
+            if not patterns or any(pattern_matches(p, name) for p in patterns):
                 probes.append(UpdateProbe(name, None, name, layer.method, layer))
     return probes
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..adapters.base import AdapterLinear
 from ..adapters.dora import DoRA
 from ..adapters.lora import LoRA
-from ..adapters.mora import MoRA, _block_index, _rotate_half
+from ..adapters.mora import MoRA, block_index, rotate_half
 from .metrics import (
     DRIFT_METRICS,
     SPECTRAL_METRICS,
@@ -68,10 +68,10 @@ def _psd_sqrt(g: Tensor) -> Tensor:
 def _mora_grams(ad: MoRA, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """`(sqrt of diag(G_D) as (R,), G_C^1/2 as (R, R))` for the types 1-4 (fixed per layer)."""
     d, k, r_hat, n, v = ad.out_features, ad.in_features, ad.r_hat, ad.chunks, ad.variant
-    rows = torch.arange(d, device=device) % r_hat if v in ("sharing", "type3") else _block_index(d, r_hat, device)
+    rows = torch.arange(d, device=device) % r_hat if v in ("sharing", "type3") else block_index(d, r_hat, device)
     row_w = torch.bincount(rows, minlength=r_hat).to(dtype).sqrt()
     if v in ("type2", "type3"):  # contiguous compression: one 1 per column, G_C diagonal
-        cols = torch.bincount(_block_index(k, r_hat, device), minlength=r_hat).to(dtype)
+        cols = torch.bincount(block_index(k, r_hat, device), minlength=r_hat).to(dtype)
         return row_w, torch.diag(cols.sqrt())
     padded = torch.arange(n * r_hat, device=device)  # strided with wrap padding: p feeds z_{p mod R}
     c = torch.zeros(r_hat, k, dtype=dtype, device=device)
@@ -84,7 +84,7 @@ def _rope_block(ad: MoRA, m: Tensor, i: int) -> Tensor:
     if ad.variant == "decouple" or i == 0:
         return m
     eye = torch.eye(ad.r_hat, dtype=m.dtype, device=m.device)
-    rot = eye * ad.rope_cos[i].to(m.dtype) + _rotate_half(eye) * ad.rope_sin[i].to(m.dtype)
+    rot = eye * ad.rope_cos[i].to(m.dtype) + rotate_half(eye) * ad.rope_sin[i].to(m.dtype)
     return m @ rot.t()
 
 
