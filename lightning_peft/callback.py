@@ -27,9 +27,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from .adapters.dora import DoRA
 from .inject import (
     AdapterStateError,
     atomic_write,
@@ -234,6 +235,16 @@ class AdapterCallback(Callback):
     # -- fit -----------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refreshed = [
+            name
+            for name, layer in find_adapters(pl_module)
+            if isinstance(layer.adapter, DoRA) and layer.adapter.refresh_if_base_changed(layer)
+        ]
+        if refreshed:
+            rank_zero_info(
+                f"DoRA magnitudes of {len(refreshed)} module(s) re-initialised: their base weights changed after "
+                "injection (loaded in setup?), e.g. " + ", ".join(refreshed[:3])
+            )
         missing = missing_from_optimizers(pl_module, trainer.optimizers)
         if missing:
             raise RuntimeError(

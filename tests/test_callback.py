@@ -363,3 +363,45 @@ def test_crash_during_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_dora_magnitude_follows_weights_loaded_in_setup():
+    """Pretrained weights loaded in `LightningModule.setup` (after injection): DoRA's magnitude is
+    re-initialised from them at fit start, so the adapted model starts exactly at the loaded model."""
+    import lightning as L
+
+    from lightning_peft import AdapterCallback
+
+    pretrained = CausalLMModule(seed=123).model.state_dict()
+
+    class LoadsInSetup(CausalLMModule):
+        def setup(self, stage):
+            inner = {k.replace(".base.", "."): v for k, v in self.model.state_dict().items() if ".adapter." not in k}
+            assert inner.keys() == pretrained.keys()
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    key = name.replace(".base.", ".")
+                    if key in pretrained:
+                        param.copy_(pretrained[key])
+
+    class CheckStart(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            reference = CausalLMModule(seed=123)
+            reference.model.load_state_dict(pretrained)
+            ids = tokens(2)
+            torch.testing.assert_close(pl_module(ids), reference(ids), rtol=1e-5, atol=1e-5)
+            self.checked = True
+
+    check = CheckStart()
+    model = LoadsInSetup(seed=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[AdapterCallback("dora_all", verbose=False), check],
+    )
+    trainer.fit(model, token_loader())
+    assert check.checked

@@ -63,6 +63,7 @@ class DoRA(LowRankFactors):
         self._merge_norm: Tensor | None = None
         self._eval_scale: Tensor | None = None
         self._eval_key: tuple | None = None
+        self._init_state: tuple | None = None
 
     @classmethod
     def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
@@ -117,6 +118,24 @@ class DoRA(LowRankFactors):
                 stacklevel=2,
             )
         self.magnitude.copy_(torch.where(norm <= self.eps, torch.zeros_like(norm), norm))
+        self._init_state = (w0.data_ptr(), w0._version, self.magnitude.detach().clone())
+
+    @torch.no_grad()
+    def refresh_if_base_changed(self, layer: AdapterLinear) -> bool:
+        """Re-initialise `m` when W0 changed since init and `m` was never trained or restored.
+
+        Covers pretrained weights loaded after injection (e.g. in `LightningModule.setup`): the
+        magnitude must be the row norm of the weights actually trained on. A trained or
+        checkpoint-restored `m` differs from its init value and is never touched.
+        """
+        if self._init_state is None:
+            return False
+        ptr, version, m0 = self._init_state
+        w0 = layer.base_weight()
+        if (w0.data_ptr(), w0._version) == (ptr, version) or not torch.equal(self.magnitude.detach(), m0):
+            return False
+        self.reset_magnitude(layer)
+        return True
 
     def scale(self, w0: Tensor, dtype: torch.dtype) -> Tensor:
         """`c = m / n` as an `(out,)` vector in the activations' dtype; cached in eval mode."""
