@@ -190,8 +190,15 @@ def ranks_figure(rows: Sequence[Row]):
         for r in final:
             by_method[r["method"]][r["block"]].append(r[metric])
         for method, blocks in sorted(by_method.items()):
-            xs = sorted(blocks)
-            ax.plot(xs, [_mean(blocks[x]) for x in xs], marker="o", label=method)
+            xs: list[float] = []
+            ys: list[float] = []
+            for x in sorted(blocks):
+                if xs and x != xs[-1] + 1:  # a gap in depth (hybrid policies): break the line there
+                    xs.append(x - 0.5)
+                    ys.append(math.nan)
+                xs.append(x)
+                ys.append(_mean(blocks[x]))
+            ax.plot(xs, ys, marker="o", label=method)
         ax.set_xlabel("block depth")
         ax.set_ylabel(f"mean {metric}")
         ax.set_title(f"{metric} of dW by depth", fontsize=9)
