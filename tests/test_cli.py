@@ -200,3 +200,36 @@ def test_report_re_renders_a_finished_run(tmp_path, capsys):
 def test_report_on_a_missing_dir_fails_clearly(tmp_path):
     with pytest.raises((SystemExit, FileNotFoundError, ValueError)):
         main(["report", str(tmp_path / "nope")])
+
+
+@pytest.mark.slow
+def test_automatic_optimizer_holds_the_adapters(tmp_path):
+    """`optimizer:` in a config: our CLI injects before LightningCLI builds it, so it trains the adapters."""
+    main(
+        ["fit", "--config", "configs/uuid_lora.yaml", "--config", str(_short_run(tmp_path))]
+        + ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.5"]
+    )
+    state = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)["state_dict"]
+    lora_b = [v for k, v in state.items() if k.endswith("lora_B")]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it moved
+
+
+def test_plain_lightning_cli_automatic_optimizer_is_caught(tmp_path):
+    """A stock LightningCLI builds `optimizer:` before any callback runs: fit must stop, not train nothing."""
+    from lightning.pytorch.cli import LightningCLI
+
+    args = [
+        "fit",
+        "--model=lightning_peft.tasks.CausalLM",
+        "--data=lightning_peft.tasks.UUIDMemorization",
+        "--optimizer=torch.optim.SGD",
+        "--optimizer.lr=0.1",
+        "--trainer.max_steps=2",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=lightning_peft.AdapterCallback",
+        "--trainer.callbacks.policy=lora_all",
+    ]
+    with pytest.raises(RuntimeError, match="no optimizer param group"):
+        LightningCLI(args=args, save_config_kwargs={"overwrite": True})
