@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import (
@@ -405,3 +407,28 @@ def test_dora_magnitude_follows_weights_loaded_in_setup():
     )
     trainer.fit(model, token_loader())
     assert check.checked
+
+
+@pytest.mark.parametrize("setting", ["bf16-mixed", "bf16-true", "gradient-checkpointing"])
+def test_hybrid_trains_under_bf16_and_gradient_checkpointing(setting):
+    import lightning as L
+
+    from lightning_peft import AdapterCallback, adapter_state_dict
+
+    model = CausalLMModule()
+    if setting == "gradient-checkpointing":
+        model.model.gradient_checkpointing_enable()
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        precision="32-true" if setting.startswith("grad") else setting,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[AdapterCallback("mora_outer_dora_inner", verbose=False)],
+    )
+    trainer.fit(model, token_loader(n=32))
+    assert len(model.train_losses) == 4 and all(math.isfinite(x) for x in model.train_losses)
+    moved = [v for k, v in adapter_state_dict(model).items() if k.endswith(("mora_M", "lora_B"))]
+    assert moved and all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in moved)
