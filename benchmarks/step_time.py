@@ -124,6 +124,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_interleaved(
+    runners: list[Runner], step: Callable[[Runner, torch.Tensor], None], batch: torch.Tensor, rounds: int, device: str
+) -> dict[str, list[float]]:
+    """Seconds per call of `step` for each runner, every runner once per round (noise hits all alike)."""
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(rounds):
+        for runner in runners:
+            sync(device)
+            start = time.perf_counter()
+            step(runner, batch)
+            sync(device)
+            times[runner.name].append(time.perf_counter() - start)
+    return times
+
+
 def train_step(runner: Runner, batch: torch.Tensor) -> None:
     runner.optimizer.zero_grad(set_to_none=True)
     loss = runner.model(input_ids=batch, labels=batch).loss
@@ -213,27 +228,13 @@ def main() -> None:
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     batch = batch.to(args.device)
     runners = [make_runner(n, f, base, args.device, dtype) for n, f in configurations(args.r).items()]
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    eval_times: dict[str, list[float]] = {r.name: [] for r in runners}
     for _ in range(args.warmup):
         for runner in runners:
             train_step(runner, batch)
-    for _ in range(args.rounds):  # interleave: every config once per round
-        for runner in runners:
-            sync(args.device)
-            start = time.perf_counter()
-            train_step(runner, batch)
-            sync(args.device)
-            times[runner.name].append(time.perf_counter() - start)
+    times = time_interleaved(runners, train_step, batch, args.rounds, args.device)
     for runner in runners:
         runner.model.eval()
-    for _ in range(max(2, args.rounds // 2)):
-        for runner in runners:
-            sync(args.device)
-            start = time.perf_counter()
-            eval_forward(runner, batch)
-            sync(args.device)
-            eval_times[runner.name].append(time.perf_counter() - start)
+    eval_times = time_interleaved(runners, eval_forward, batch, max(2, args.rounds // 2), args.device)
     merged_times = measure_merged(runners, batch, args)
     memory = {}
     for runner in runners:
@@ -260,14 +261,7 @@ def measure_merged(runners: list[Runner], batch: torch.Tensor, args: argparse.Na
     picked = [r for r in runners if r.name.startswith("ours") or r.name.startswith("floor")]
     for runner in picked:
         merge_adapters(runner.model)
-    out: dict[str, list[float]] = {r.name: [] for r in picked}
-    for _ in range(max(2, args.rounds // 2)):
-        for runner in picked:
-            sync(args.device)
-            start = time.perf_counter()
-            eval_forward(runner, batch)
-            sync(args.device)
-            out[runner.name].append(time.perf_counter() - start)
+    out = time_interleaved(picked, eval_forward, batch, max(2, args.rounds // 2), args.device)
     from lightning_peft import unmerge_adapters
 
     for runner in picked:
