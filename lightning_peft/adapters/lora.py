@@ -60,11 +60,6 @@ class LowRankFactors(AdapterMethod):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def lora_delta(self, x: Tensor) -> Tensor:
-        """`s * B A x` for an already dropped-out `x`, in the activations' dtype."""
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return F.linear(F.linear(x, a), b) * self.scaling
-
     def add_lora_delta(self, out: Tensor, x: Tensor) -> Tensor:
         """`out + s * B A x` as one fused matmul-add (`addmm`, scaling as its alpha): no extra passes."""
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(out.dtype)

@@ -223,17 +223,18 @@ class MoRA(AdapterMethod):
             z = x[..., :r_hat] if k >= r_hat else F.pad(x, (0, r_hat - k))
             u = F.linear(z, m)
             return u[..., :d] if d <= r_hat else F.pad(u, (0, d - r_hat))
-        z = self._strided_sum(x) if v in ("sharing", "type4") else _block_sums(x, r_hat)  # (..., R)
-        u = F.linear(z, m)  # (..., R)
+        u = self._compressed_product(x, m)  # (..., R)
         return _tile(u, d) if v in ("sharing", "type3") else _interleave(u, d)
+
+    def _compressed_product(self, x: Tensor, m: Tensor) -> Tensor:
+        """`M f_comp(x)` for the grouping variants (types 1-4), `(..., R)`."""
+        z = self._strided_sum(x) if self.variant in ("sharing", "type4") else _block_sums(x, self.r_hat)
+        return F.linear(z, m)
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
         x = self.dropout(x)
         if self.variant in ("sharing", "type3"):  # add the tiled output without materialising the tile
-            u = F.linear(
-                self._strided_sum(x) if self.variant == "sharing" else _block_sums(x, self.r_hat),
-                self.mora_M.to(x.dtype),
-            )
+            u = self._compressed_product(x, self.mora_M.to(x.dtype))
             return _add_tiled(base_out, u.to(base_out.dtype))
         return base_out + self.mora_delta(x).to(base_out.dtype)
 
