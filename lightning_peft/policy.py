@@ -496,7 +496,7 @@ class LayerPolicy:
         shadowed = [0] * len(self.rules)
         unsupported: list[list[str]] = [[] for _ in self.rules]
         inside: list[str] = []  # prefixes of modules already decided (their children are skipped)
-        shapes_checked: set[tuple] = set()
+        shapes_checked: dict[tuple, int] = {}  # (method, hparams, shape) -> parameter count
         for raw_name, module in model.named_modules():
             if not raw_name:
                 continue
@@ -544,12 +544,11 @@ class LayerPolicy:
             key = (rule.method, json.dumps(rule.hparams, sort_keys=True, default=str), in_f, out_f)
             if key not in shapes_checked:
                 try:
-                    with torch.device("meta"):
-                        cls(in_f, out_f, **rule.hparams)  # every hyper-parameter check, no memory
+                    with torch.device("meta"):  # every hyper-parameter check and the count, no memory
+                        shapes_checked[key] = cls(in_f, out_f, **rule.hparams).num_trainable_parameters()
                 except (ValueError, TypeError) as err:
                     raise PolicyError(f"{label} on {name!r} ({in_f}->{out_f}): {err}") from None
-                shapes_checked.add(key)
-            params = cls.count_parameters(in_f, out_f, **rule.hparams)
+            params = shapes_checked[key]
             rows.append(
                 PlanRow(
                     name,
