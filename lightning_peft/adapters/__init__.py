@@ -13,6 +13,7 @@ from .base import (
     register_adapter,
 )
 from .dora import DoRA
+from .hira import HiRA
 from .lora import LoRA
 from .mora import MoRA, mora_rank
 
@@ -21,6 +22,7 @@ __all__ = [
     "AdapterLinear",
     "AdapterMethod",
     "DoRA",
+    "HiRA",
     "LoRA",
     "MoRA",
     "check_hyperparameters",
