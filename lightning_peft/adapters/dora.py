@@ -14,8 +14,8 @@ Unlike peft, the training forward never builds an `out x in` matrix. The row nor
 where `W0 A^T` is an `(out, r)` product and `||(BA)_i||^2` needs only the `r x r` Gram
 matrix `A A^T` (docs/methods.md). Nothing is cached from tensor addresses or version
 counters, so the module is safe under sharding (DTensor), `.to()`, parameter reassignment
-and `torch.compile`. The one cache, `m / n` for inference-mode forwards (generation reuses
-it every token), is dropped explicitly: by `train()`/`eval()`, `.to()`, `load_state_dict`,
+and `torch.compile`. The one cache, `m / n` for eager inference-mode forwards (generation
+reuses it every token; compiled code recomputes it), is dropped explicitly: by `train()`/`eval()`, `.to()`, `load_state_dict`,
 merge/unmerge, any forward with gradients, and `invalidate_cache()`.
 """
 
@@ -209,7 +209,7 @@ class DoRA(LowRankFactors):
             if self._eval_scale is not None:
                 self.invalidate_cache()  # a forward with gradients may be followed by an update
             y = _ScaleRows.apply(z, self.magnitude, self.weight_norm(w0))
-        elif not self.training and torch.is_inference_mode_enabled():
+        elif not self.training and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             y = z * self._cached_scale(layer.base.weight, w0, z.dtype)
         else:
             y = z * (self.magnitude / self.weight_norm(w0)).to(z.dtype)
