@@ -15,8 +15,9 @@ where `W0 A^T` is an `(out, r)` product and `||(BA)_i||^2` needs only the `r x r
 matrix `A A^T` (docs/methods.md). Nothing is cached from tensor addresses or version
 counters, so the module is safe under sharding (DTensor), `.to()`, parameter reassignment
 and `torch.compile`. The one cache, `m / n` for eager inference-mode forwards (generation
-reuses it every token; compiled code recomputes it), is dropped explicitly: by `train()`/`eval()`, `.to()`, `load_state_dict`,
-merge/unmerge, any forward with gradients, and `invalidate_cache()`.
+reuses it every token; compiled code recomputes it), is dropped explicitly: by
+`train()`/`eval()`, `.to()`, `load_state_dict`, merge/unmerge, any forward with gradients,
+and `invalidate_cache()` (call it after editing parameters in place outside those).
 """
 
 from __future__ import annotations
