@@ -1,6 +1,6 @@
-"""`UpdateDiagnostics`: per-layer update norms and spectra during `Trainer.fit` (DESIGN §6).
+"""`UpdateDiagnostics`: per-layer update norms and spectra during `Trainer.fit` (docs/methods.md).
 
-Hooks stay thin (reference/lightning.md §5, §7.2):
+Hooks stay thin:
 
 - `on_train_start` (after any checkpoint restore): find the adapted modules, resolve the log
   dir (a collective, so on every rank), measure once: the first row is all zeros.

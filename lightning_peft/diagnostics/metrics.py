@@ -1,4 +1,4 @@
-"""Pure metrics of a weight update `dW = W_eff - W0` (DESIGN §6, reference/dora.md §4.1, §5.2).
+"""Pure metrics of a weight update `dW = W_eff - W0` (docs/methods.md; drift: DoRA, arXiv 2402.09353).
 
 Every spectral metric is a function of the singular values `s` of `dW` (any order, zeros
 allowed, as returned by `torch.linalg.svdvals` or by the cheap routes in `spectra.py`):
