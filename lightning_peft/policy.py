@@ -47,7 +47,7 @@ from .adapters.base import (
     layer_shape,
     supported_layer_types,
 )
-from .schema import ConfigInputError, read_yaml_file, signature_types, type_error
+from .schema import ConfigInputError, load_yaml, read_yaml_file, signature_types, type_error
 
 SPECIAL_METHODS = ("none", "full")
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "policies"
@@ -531,12 +531,27 @@ class LayerPolicy:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
+    def from_text(cls, text: str, source: str = "policy") -> LayerPolicy:
+        """A policy from YAML text (e.g. `--adapters.policy '{rules: [...]}'`), read as written."""
+        import yaml
+
+        try:
+            data = load_yaml(text)
+        except ConfigInputError as err:
+            raise PolicyError(f"{source}: {err}") from None
+        except yaml.YAMLError as err:
+            raise PolicyError(f"{source}: YAML syntax error: {err}") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
     def load(cls, policy: LayerPolicy | str | Path | dict[str, Any]) -> LayerPolicy:
         """A policy from a `LayerPolicy`, a mapping, a YAML path or a preset name."""
         if isinstance(policy, LayerPolicy):
             return policy
         if isinstance(policy, dict):
             return cls.from_dict(policy)
+        if isinstance(policy, str) and _looks_inline(policy):
+            return cls.from_text(policy, source="inline policy")
         if isinstance(policy, str | Path):
             return cls.from_yaml(policy)
         raise PolicyError(f"A policy is a LayerPolicy, a mapping or a YAML path, got {type(policy).__name__}")
@@ -744,6 +759,12 @@ def _why_unmatched(pattern: str, matches: list[_Match]) -> str:
     names = sorted({m.kind for m in matches} | {m.name.rpartition(".")[2] for m in matches})
     close = difflib.get_close_matches(pattern, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _looks_inline(text: str) -> bool:
+    """A YAML mapping given in place of a path (the CLI passes `--adapters.policy '{rules: ...}'` as text)."""
+    stripped = text.strip()
+    return stripped.startswith("{") or "\n" in stripped or stripped.startswith("rules:")
 
 
 def _raw_label(raw: Any, index: int) -> str:
