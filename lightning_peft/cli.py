@@ -24,6 +24,7 @@ from .callback import AdapterCallback, print_plan
 from .diagnostics import UpdateDiagnostics
 from .inject import AdapterStateError
 from .policy import PolicyError
+from .schema import register_jsonargparse_loader
 
 
 class PeftTrainer(pl.Trainer):
@@ -46,6 +47,12 @@ class PeftCLI(LightningCLI):
             {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`."},
         )
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
+        # duplicate keys are errors (see `lightning_peft.schema`).
+        kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        return super().init_parser(**kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
