@@ -383,7 +383,7 @@ def test_dora_eval_cache_follows_parameter_updates():
 
 
 def test_dora_reference_formula():
-    """W' = (m / ||W0 + sBA||_row) (W0 + sBA), bias not rescaled (dora.md §1.1)."""
+    """W' = (m / ||W0 + sBA||_row) (W0 + sBA), bias not rescaled (DoRA, arXiv 2402.09353)."""
     layer = make_layer("dora", {}, r=3, alpha=6.0)
     randomize(layer, scale=0.3)
     ad = layer.adapter
