@@ -34,17 +34,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..adapters.base import accumulation_dtype as acc_dtype  # float64, float32 on MPS
+
 EPS32 = torch.finfo(torch.float32).eps
 # An update this small relative to W0 is fp32 rounding (e.g. DoRA's m / ||V|| at init).
 ZERO_UPDATE_RTOL = 4 * EPS32
 
 SPECTRAL_METRICS = ("fro_norm", "rel_norm", "spectral_ratio", "stable_rank", "effective_rank", "r90")
 DRIFT_METRICS = ("mag_drift", "dir_drift")
-
-
-def acc_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the small reductions, except where the device has none (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _sorted_values(s: Tensor) -> Tensor:
