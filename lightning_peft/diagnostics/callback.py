@@ -157,6 +157,9 @@ class UpdateDiagnostics(Callback):
             raise ValueError(f"UpdateDiagnostics: `modules` {self.modules} matches no adapted module")
         if not probes:
             rank_zero_warn("UpdateDiagnostics: the model carries no adapters (inject_adapters was not applied)")
+        unlisted = sorted({f"{p.method}: {n}" for p in probes for n in p.extra_names if n not in METRICS})
+        if unlisted:  # a method registered after this module was imported: its extras have no column
+            rank_zero_warn(f"UpdateDiagnostics: extra diagnostics without a table column are not logged: {unlisted}")
         if not trainer.is_global_zero:
             return
         self._probes, self._dir = probes, Path(log_dir or ".")
