@@ -98,8 +98,9 @@ class DoRA(LowRankFactors):
         self.eps = float(eps)
         # fp32 master copy regardless of the base dtype; cast to the activations' dtype in forward.
         self.magnitude = nn.Parameter(torch.ones(out_features))  # (out,)
-        # The value `m` was initialised to: `m` still equal to it was never trained nor restored.
-        self.register_buffer("magnitude_at_init", None, persistent=False)
+        # The value `m` was initialised to: `m` still equal to it was never trained nor restored. A plain
+        # attribute, not a buffer: DDP would broadcast a buffer every step; it is compared on m's device.
+        self.magnitude_at_init: Tensor | None = None
         self._merge_norm: Tensor | None = None
         self._eval_scale: Tensor | None = None
         self._eval_inputs: tuple = ()
