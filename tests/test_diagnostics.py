@@ -541,3 +541,16 @@ def test_extra_diagnostics_without_a_column_are_warned_not_dropped_silently(rows
         fit(module, [diag], tmp_path, max_steps=2)
     final = [r for r in diag.rows if r["step"] == 2]
     assert len(final) == 2 and all(r["rel_norm"] > 0 and r["method"] == "rowscale" for r in final)
+
+
+def test_w0_statistics_follow_merge_and_replaced_weights():
+    layer = randomise(adapted(LoRA(48, 40, r=4, alpha=8), 48, 40))
+    probe = probe_of(layer, "lora")
+    before = probe.measure()
+    layer.merge()  # the stored weight now holds W0 + dW: W0 is read back through unmerge
+    assert_metrics_match(probe.measure(), {k: float(v) for k, v in before.items()})
+    layer.unmerge()
+    layer.base.weight = nn.Parameter(3 * layer.base.weight.detach(), requires_grad=False)  # a new W0 object
+    ref = brute_force(layer.delta_weight(), layer.base_weight())
+    assert_metrics_match(probe.measure(), ref)
+    assert float(probe.measure()["rel_norm"]) == pytest.approx(float(before["rel_norm"]) / 3, rel=1e-4)
