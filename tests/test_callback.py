@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from helpers import (
     HYBRID,
     POLICIES,
@@ -130,6 +131,19 @@ def test_layers_built_in_configure_model_get_injected(tmp_path):
     assert len(module.train_losses) == 2
 
 
+def test_callback_leaves_the_module_and_checkpoint_io_alone(tmp_path):
+    """No user method is rebound, the strategy keeps its own checkpoint writer, the load guard goes at teardown."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    module = LateLayersModule()
+    tr = trainer(tmp_path, max_steps=1, callbacks=[callback()])
+    tr.fit(module, train_dataloaders=token_loader())
+    assert get_plan(module) is not None
+    assert not {"configure_model", "on_load_checkpoint", "configure_optimizers"} & set(vars(module))
+    assert type(tr.strategy.checkpoint_io) is TorchCheckpointIO
+    assert not module._load_state_dict_pre_hooks
+
+
 def test_bad_policy_fails_at_construction():
     with pytest.raises(PolicyError, match=r"rule 0 \(x\): unknown rule key 'moduls'"):
         AdapterCallback({"rules": [{"name": "x", "method": "lora", "moduls": ["q_proj"]}]})
@@ -179,12 +193,28 @@ def test_adapter_only_checkpoint_is_smaller_and_holds_adapters(run6):
 
 
 def test_checkpoint_from_other_policy_is_rejected_before_training(run6, tmp_path):
+    """Other methods: refused before Lightning copies a single tensor into the model."""
     module = CausalLMModule()
     tr = trainer(tmp_path, max_steps=6, callbacks=[callback(POLICIES / "lora_all.yaml")])
     with pytest.raises(
         AdapterStateError,
-        match=r"different adapter plan: model.model.layers.0.mlp.down_proj: checkpoint mora .* vs model lora",
+        match=r"not written with this policy: model.model.layers.0.mlp.down_proj: "
+        r"checkpoint \['mora_M'\] vs model \['lora_A', 'lora_B'\]",
     ):
+        tr.fit(module, train_dataloaders=token_loader(), ckpt_path=run6[True]["root"] / "step=3.ckpt")
+    assert module.train_losses == []
+    fresh = CausalLMModule()
+    callback(POLICIES / "lora_all.yaml").inject(fresh)
+    assert_same_adapters(module, fresh)  # nothing was loaded
+
+
+def test_checkpoint_with_other_hyperparameters_is_rejected_before_training(run6, tmp_path):
+    """Same tensors, other hyper-parameters (DoRA alpha): the stored plan is compared before training."""
+    policy = yaml.safe_load(HYBRID.read_text())
+    policy["rules"][1]["hparams"]["alpha"] = 2 * policy["rules"][1]["hparams"].get("alpha", 8)
+    module = CausalLMModule()
+    tr = trainer(tmp_path, max_steps=6, callbacks=[callback(policy)])
+    with pytest.raises(AdapterStateError, match=r"different adapter plan: model.model.layers.1.mlp.down_proj: "):
         tr.fit(module, train_dataloaders=token_loader(), ckpt_path=run6[True]["root"] / "step=3.ckpt")
     assert module.train_losses == []
 
@@ -333,8 +363,7 @@ def test_crash_during_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypa
     previous checkpoint byte-identical and no partial file under the checkpoint name."""
     import lightning as L
 
-    from lightning_peft import AdapterCallback
-    from lightning_peft.callback import AtomicCheckpointIO
+    from lightning_peft import AdapterCallback, AtomicCheckpointIO
 
     model = CausalLMModule()
     trainer = L.Trainer(
@@ -344,6 +373,7 @@ def test_crash_during_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypa
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        plugins=[AtomicCheckpointIO()],
         callbacks=[AdapterCallback("lora_all", verbose=False)],
     )
     trainer.fit(model, token_loader())
