@@ -233,3 +233,21 @@ def test_plain_lightning_cli_automatic_optimizer_is_caught(tmp_path):
     ]
     with pytest.raises(RuntimeError, match="no optimizer param group"):
         LightningCLI(args=args, save_config_kwargs={"overwrite": True})
+
+
+def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
+    """The crash-safe writer is the CLI's visible default for `trainer.plugins`, not a silent swap."""
+    from lightning_peft import AtomicCheckpointIO
+    from lightning_peft.cli import PeftCLI
+
+    cli = PeftCLI(args=["--config", "configs/uuid_lora.yaml", "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/uuid_lora.yaml", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["plugins"] == {
+        "class_path": "lightning_peft.AtomicCheckpointIO"
+    }
+    replaced = PeftCLI(
+        args=["--config", "configs/uuid_lora.yaml", "--trainer.plugins", "null", "--trainer.logger", "false"], run=False
+    )
+    assert not isinstance(replaced.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
