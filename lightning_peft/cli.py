@@ -147,9 +147,9 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point (`lightning-peft`)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "report":
-        from jsonargparse import CLI
+        from jsonargparse import auto_cli
 
-        CLI(report, args=argv[1:])
+        auto_cli(report, args=argv[1:])
         return
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself

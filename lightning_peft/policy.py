@@ -439,7 +439,7 @@ class LayerPolicy:
         parser.add_class_arguments(cls, "policy")
         try:
             cfg = parser.parse_object({"policy": data})
-            built = parser.instantiate_classes(cfg)["policy"]
+            built = parser.instantiate(cfg)["policy"]
         except PolicyError as err:
             raise PolicyError(f"{source}: {err}") from None
         except Exception as err:  # jsonargparse reports schema errors (unknown keys, types)

@@ -226,6 +226,36 @@ def test_greedy_generate_with_and_without_cache_agree():
     without = greedy_generate(model.model, prompts, 12, use_cache=False)
     assert with_cache.shape == (3, 12)
     assert torch.equal(with_cache, without)
+    with torch.no_grad():  # make EOS (id 2) the likely next token: decoding must go on past it
+        model.model.lm_head.weight[2] = 3 * model.model.lm_head.weight[2] + 0.05 * model.model.lm_head.weight[5]
+    with_cache = greedy_generate(model.model, prompts, 12, use_cache=True)
+    assert (with_cache[:, :-1] == 2).any()
+    assert torch.equal(with_cache, greedy_generate(model.model, prompts, 12, use_cache=False))
+
+
+def _module_function(module: str, code: str, name: str, **env):
+    """A function whose frames belong to `module` (so warnings see it there)."""
+    namespace = {"__name__": module, **env}
+    exec(compile(code, module.replace(".", "/") + ".py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_deprecated_library_call_from_the_package_fails_the_suite():
+    """The conftest guard: a library's deprecation that our code triggers raises, even when the library
+    attributes the warning to its own frame (as transformers' `deprecate_kwarg` does)."""
+    import warnings
+
+    library = _module_function(
+        "transformers.probe",
+        "def old_api():\n    warnings.warn('old_api is deprecated', FutureWarning, stacklevel=1)\n",
+        "old_api",
+        warnings=warnings,
+    )
+    ours = _module_function("lightning_peft.probe", "def step():\n    old_api()\n", "step", old_api=library)
+    with pytest.raises(FutureWarning, match="lightning_peft.probe calls a deprecated API: old_api is deprecated"):
+        ours()
+    elsewhere = _module_function("lightning.probe", "def step():\n    old_api()\n", "step", old_api=library)
+    elsewhere()  # another package's deprecated call only warns: it is that package's business
 
 
 def test_uuid_fit_reduces_loss_and_validates():

@@ -31,28 +31,35 @@ __all__ = ["CausalLM", "greedy_generate"]
 def greedy_generate(
     model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True
 ) -> torch.Tensor:
-    """Greedy decoding of exactly ``max_new_tokens`` tokens with the model's own forward.
+    """Greedy decoding of exactly ``max_new_tokens`` tokens (no early stop at EOS).
 
     Args:
-        model: A Hugging Face causal LM (called as ``model(input_ids=..., past_key_values=..., use_cache=...)``).
+        model: A Hugging Face causal LM.
         prompt_ids: ``(batch, prompt_len)`` token ids; all prompts must have the same length (no padding).
-        max_new_tokens: Number of tokens to generate (no early stop at EOS).
-        use_cache: Reuse the key/value cache between steps (otherwise the whole sequence is re-run each step).
+        max_new_tokens: Number of tokens to generate.
+        use_cache: Decode with transformers' ``generate`` and its key/value cache (an empty EOS list keeps it
+            from stopping early); ``False`` re-runs the whole sequence each step, a cache-free reference.
 
     Returns:
         ``(batch, max_new_tokens)`` generated ids.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    out = model(input_ids=prompt_ids, use_cache=use_cache)
-    generated = [out.logits[:, -1].argmax(dim=-1)]
-    for _ in range(max_new_tokens - 1):
-        if use_cache:
-            out = model(input_ids=generated[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
-        else:
-            out = model(input_ids=torch.cat([prompt_ids, torch.stack(generated, dim=1)], dim=1), use_cache=False)
-        generated.append(out.logits[:, -1].argmax(dim=-1))
-    return torch.stack(generated, dim=1)
+    prompt_len = prompt_ids.shape[1]
+    if use_cache:
+        from transformers import GenerationConfig
+
+        pad = model.generation_config.pad_token_id
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[], pad_token_id=0 if pad is None else pad
+        )
+        ids = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=config)
+        return ids[:, prompt_len:]
+    ids = prompt_ids
+    for _ in range(max_new_tokens):
+        next_ids = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(dim=-1)
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+    return ids[:, prompt_len:]
 
 
 class CausalLM(LightningModule):
