@@ -159,7 +159,7 @@ class UpdateDiagnostics(Callback):
             rank_zero_warn("UpdateDiagnostics: the model carries no adapters (inject_adapters was not applied)")
         if not trainer.is_global_zero:
             return
-        self._probes, self._dir = probes, Path(log_dir or ".")
+        self._probes, self._dir = probes, Path(log_dir or trainer.default_root_dir)
         self.rows, self._last_step, self._grad = [], None, None
         try:
             self._resume_table(trainer.global_step)
