@@ -19,7 +19,7 @@ from lightning_peft.tasks import (
     UUIDMemorization,
     greedy_generate,
 )
-from lightning_peft.tasks._common import linear_schedule
+from lightning_peft.tasks._common import build_optimizer
 from lightning_peft.tasks.text_data import chunk_text
 
 TINY_LLAMA = {
@@ -213,10 +213,23 @@ def test_configure_optimizers_sees_only_trainable_params():
 
 
 def test_linear_warmup_and_decay_schedule():
-    f = linear_schedule(warmup_steps=4, total_steps=12, decay=True)
-    assert [f(s) for s in (0, 1, 3, 4, 8, 12)] == pytest.approx([0.25, 0.5, 1.0, 1.0, 0.5, 0.0])
-    g = linear_schedule(warmup_steps=0, total_steps=None, decay=False)
-    assert g(0) == g(1000) == 1.0
+    """LR per optimizer step: transformers' warm-up from 0 over 4 steps, then linear decay to 0 at step 12."""
+
+    def lrs(**kw) -> list[float]:
+        config = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=2.0, weight_decay=0.0, **kw)
+        optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        out = []
+        for _ in range(13):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    linear = lrs(warmup_steps=4, lr_schedule="linear", total_steps=12)
+    assert [linear[s] for s in (0, 1, 3, 4, 8, 12)] == pytest.approx([0.0, 0.5, 1.5, 2.0, 1.0, 0.0])
+    assert lrs(warmup_steps=2, lr_schedule="constant")[:4] == pytest.approx([0.0, 1.0, 2.0, 2.0])
+    plain = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=2.0, weight_decay=0.0)
+    assert isinstance(plain, torch.optim.AdamW)  # no schedule: the optimizer alone
 
 
 def test_greedy_generate_with_and_without_cache_agree():

@@ -2,6 +2,7 @@
 
 from .callback import UpdateDiagnostics, build_probes
 from .metrics import (
+    METRICS,
     direction_drift,
     drift_correlation,
     effective_rank,
@@ -11,9 +12,8 @@ from .metrics import (
     pearson,
     spectrum_metrics,
     stable_rank,
-    update_metrics,
 )
-from .report import COLUMNS, METRICS, TABLE_FILE, draw_figures, read_table, render_report, summary_table
+from .report import COLUMNS, TABLE_FILE, draw_figures, read_table, render_report, summary_table
 from .spectra import UpdateProbe, dense_singular_values, lora_singular_values, mora_singular_values
 
 __all__ = [
@@ -39,5 +39,4 @@ __all__ = [
     "spectrum_metrics",
     "stable_rank",
     "summary_table",
-    "update_metrics",
 ]

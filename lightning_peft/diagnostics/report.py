@@ -15,14 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import DRIFT_METRICS, SPECTRAL_METRICS, drift_correlation
+from .metrics import METRICS, drift_correlation
 
 TABLE_FILE = "update_diagnostics.csv"
-DORA_METRICS = ("dora_scale_norm", "dora_lowrank_norm")
-METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *DORA_METRICS, "grad_norm")
 KEY_COLUMNS = ("step", "module", "block", "kind", "method")
 COLUMNS = (*KEY_COLUMNS, *METRICS)
-FIGURES = ("updates_heatmap", "updates_curves", "updates_ranks", "updates_drift")
 
 Row = dict[str, Any]
 

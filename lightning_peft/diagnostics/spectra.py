@@ -35,6 +35,7 @@ from ..adapters.dora import DoRA
 from ..adapters.lora import LoRA
 from ..adapters.mora import MoRA, block_index, rotate_half
 from .metrics import (
+    DORA_METRICS,
     DRIFT_METRICS,
     SPECTRAL_METRICS,
     acc_dtype,
@@ -259,7 +260,7 @@ class UpdateProbe:
         out: dict[str, Tensor] = {}
         stages = [("spectrum", self._spectrum, SPECTRAL_METRICS), ("drift", self._drift, DRIFT_METRICS)]
         if self.is_adapter and isinstance(self.module.adapter, DoRA):
-            stages.append(("dora parts", self._dora_parts, ("dora_scale_norm", "dora_lowrank_norm")))
+            stages.append(("dora parts", self._dora_parts, DORA_METRICS))
         for stage, fn, names in stages:
             try:
                 out.update(fn())
@@ -270,7 +271,7 @@ class UpdateProbe:
                 out.update(dict.fromkeys(names, nan))
         if "fro_norm" in out and "mag_drift" in out:  # a rounding-level update is zero everywhere
             zero = out["fro_norm"] == 0
-            for name in (*DRIFT_METRICS, "dora_scale_norm", "dora_lowrank_norm"):
+            for name in (*DRIFT_METRICS, *DORA_METRICS):
                 if name in out:
                     out[name] = torch.where(zero.to(out[name].device), torch.zeros_like(out[name]), out[name])
         return out

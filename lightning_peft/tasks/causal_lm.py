@@ -10,17 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning import LightningModule
 
-from ._common import (
-    LRSchedule,
-    build_optimizer,
-    check_optim_args,
-    is_none_path,
-    resolve_pretrained_path,
-    seeded,
-    set_offline,
-)
+from ._common import LRSchedule, TaskModule, check_optim_args, from_pretrained, is_none_path, seeded
 from .metrics import CharAccuracy, ExactMatch
 from .uuid_data import UUID_LENGTH, CharTokenizer
 
@@ -62,7 +53,7 @@ def greedy_generate(
     return ids[:, prompt_len:]
 
 
-class CausalLM(LightningModule):
+class CausalLM(TaskModule):
     """Causal language model trained with the next-token loss, evaluated by greedy generation.
 
     By default a small Llama is built from ``transformers.LlamaConfig`` (no download). The Hugging Face model is
@@ -119,43 +110,39 @@ class CausalLM(LightningModule):
         self.tokenizer: Any = CharTokenizer()
         with seeded(init_seed):
             if is_none_path(pretrained_path):
-                from transformers import LlamaConfig, LlamaForCausalLM
-
-                config = LlamaConfig(
-                    vocab_size=vocab_size,
-                    hidden_size=hidden_size,
-                    intermediate_size=intermediate_size,
-                    num_hidden_layers=num_hidden_layers,
-                    num_attention_heads=num_attention_heads,
-                    num_key_value_heads=num_key_value_heads,
-                    max_position_embeddings=max_position_embeddings,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    bos_token_id=self.tokenizer.bos_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    tie_word_embeddings=False,
-                    attn_implementation=attn_implementation,
-                )
-                self.model = LlamaForCausalLM(config)
+                self.model = self._llama_from_config()
             else:
-                set_offline()
-                from transformers import AutoModelForCausalLM
-
-                self.model = AutoModelForCausalLM.from_pretrained(
-                    resolve_pretrained_path(pretrained_path),
-                    local_files_only=True,
-                    dtype=torch.float32,
-                    attn_implementation=attn_implementation,
+                self.model = from_pretrained(
+                    "AutoModelForCausalLM", pretrained_path, attn_implementation=attn_implementation
                 )
-                self.model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it is given
         self.val_char_acc = CharAccuracy()
         self.val_exact_match = ExactMatch()
         self.test_char_acc = CharAccuracy()
         self.test_exact_match = ExactMatch()
 
+    def _llama_from_config(self) -> torch.nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hp = self.hparams
+        config = LlamaConfig(
+            vocab_size=hp.vocab_size,
+            hidden_size=hp.hidden_size,
+            intermediate_size=hp.intermediate_size,
+            num_hidden_layers=hp.num_hidden_layers,
+            num_attention_heads=hp.num_attention_heads,
+            num_key_value_heads=hp.num_key_value_heads,
+            max_position_embeddings=hp.max_position_embeddings,
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+            attn_implementation=hp.attn_implementation,
+        )
+        return LlamaForCausalLM(config)
+
     # -- data ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             self.tokenizer = tokenizer
         model_vocab = self.model.get_input_embeddings().num_embeddings
@@ -184,40 +171,17 @@ class CausalLM(LightningModule):
         return [self.tokenizer.decode(row, placeholder="?") for row in ids.cpu()]
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
 
-    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
-        size = batch["input_ids"].shape[0]
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
-        self.log(f"{prefix}_loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+    def evaluate(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
         if self.hparams.generate_on_eval and "prompt_ids" in batch and "values" in batch:
             preds = self.generate_text(batch["prompt_ids"])
-            char_acc = getattr(self, f"{prefix}_char_acc")
-            exact = getattr(self, f"{prefix}_exact_match")
-            char_acc.update(preds, batch["values"])
-            exact.update(preds, batch["values"])
-            self.log(f"{prefix}_char_acc", char_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-            self.log(f"{prefix}_exact_match", exact, on_step=False, on_epoch=True, batch_size=size)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+            for name, prog_bar in (("char_acc", True), ("exact_match", False)):
+                metric = getattr(self, f"{prefix}_{name}")
+                metric.update(preds, batch["values"])
+                self.log(f"{prefix}_{name}", metric, on_epoch=True, prog_bar=prog_bar, batch_size=len(preds))
+        return self.loss(batch)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         return self.generate_text(batch["prompt_ids"])
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        return build_optimizer(
-            self,
-            filter(lambda p: p.requires_grad, self.parameters()),
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps,
-            lr_schedule=hp.lr_schedule,
-        )

@@ -37,7 +37,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from ._common import BUNDLED_MINILM, resolve_pretrained_path, set_offline
+from ._common import BUNDLED_MINILM, make_loader, pad_batch, resolve_pretrained_path, set_offline
 
 __all__ = ["TOPIC_GROUPS", "PydocTopics", "chunk_text", "pydoc_samples"]
 
@@ -139,12 +139,7 @@ class _Collate:
         self.pad_id = pad_id
 
     def __call__(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = pad_batch([ids for ids, _ in items], self.pad_id)
         labels = torch.tensor([label for _, label in items], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -259,15 +254,9 @@ class PydocTopics(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self._datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=_Collate(self.tokenizer.pad_token_id),
-            persistent_workers=self.num_workers > 0,
-        )
+        collate = _Collate(self.tokenizer.pad_token_id)
+        seed = self.seed if shuffle else None
+        return make_loader(self._datasets[split], self.batch_size, self.num_workers, collate, seed, self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
