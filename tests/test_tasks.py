@@ -7,6 +7,7 @@ import uuid
 import lightning as L
 import pytest
 import torch
+from helpers import trainer
 
 from lightning_peft.tasks import (
     TOPIC_GROUPS,
@@ -49,18 +50,8 @@ class LossRecorder(L.Callback):
 
 
 def _trainer(max_steps: int, *callbacks: L.Callback, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-        **{"limit_val_batches": 0, **kwargs},  # no validation inside fit unless asked
-    )
+    """The tests' quiet trainer, with no validation inside fit unless asked."""
+    return trainer(max_steps=max_steps, callbacks=list(callbacks), **{"limit_val_batches": 0, **kwargs})
 
 
 # -- UUID data -------------------------------------------------------------------------------------------------
@@ -422,8 +413,8 @@ def test_constructor_args_parse_from_a_lightning_cli(monkeypatch):
     args = ["--data.num_pairs=8", "--model.lr=0.01", "--model.lr_schedule=linear", "--model.num_hidden_layers=1"]
     cli = CLI(CausalLM, UUIDMemorization, run=False, args=[*args, "--trainer.logger=false"], seed_everything_default=0)
     assert cli.model.hparams.vocab_size == 21 and cli.model.hparams.lr == 0.01
-    assert cli.model.model.config.num_hidden_layers == 1 and cli.datamodule.num_pairs == 8
+    assert cli.model.model.config.num_hidden_layers == 1 and cli.datamodule.hparams.num_pairs == 8
 
     args = ["--model.pretrained_path=none", "--data.max_per_class=5", "--trainer.logger=false"]
     cli = LightningCLI(SequenceClassification, PydocTopics, run=False, args=args, seed_everything_default=0)
-    assert cli.model.embedding_dim == 64 and cli.datamodule.max_per_class == 5
+    assert cli.model.embedding_dim == 64 and cli.datamodule.hparams.max_per_class == 5

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning import LightningModule
+from lightning import LightningDataModule, LightningModule
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -168,28 +168,24 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int,
-    collate: Callable[[list[Any]], Any],
-    shuffle_seed: int | None = None,
-    trainer: Any = None,
+    datamodule: LightningDataModule, dataset: Dataset, collate: Callable[[list[Any]], Any], shuffle: bool = False
 ) -> DataLoader:
-    """A data loader; with ``shuffle_seed``, shuffled by torch's ``DistributedSampler``.
+    """A loader with the datamodule's ``batch_size`` and ``num_workers``; shuffled by torch's ``DistributedSampler``.
 
-    That sampler draws each epoch's permutation from ``shuffle_seed + epoch`` (Lightning calls its
-    ``set_epoch``), so epoch k has the same order in an uninterrupted run and in one resumed from a
-    checkpoint; it also shards the data over the trainer's processes (Lightning leaves it in place).
+    That sampler draws each epoch's permutation from ``seed + epoch`` (Lightning calls its ``set_epoch``), so
+    epoch k has the same order in an uninterrupted run and in one resumed from a checkpoint; it also shards the
+    data over the trainer's processes (Lightning leaves such a sampler in place).
     """
+    hp, trainer = datamodule.hparams, datamodule.trainer
     sampler = None
-    if shuffle_seed is not None:
+    if shuffle:
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=shuffle_seed)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=hp.batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=hp.num_workers,
         collate_fn=collate,
-        persistent_workers=num_workers > 0,
+        persistent_workers=hp.num_workers > 0,
     )

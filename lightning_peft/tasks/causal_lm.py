@@ -17,6 +17,18 @@ from .uuid_data import UUID_LENGTH, CharTokenizer
 
 __all__ = ["CausalLM", "greedy_generate"]
 
+LLAMA_CONFIG_ARGS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "attn_implementation",
+)
+"""The constructor arguments that go straight into ``LlamaConfig``."""
+
 
 @torch.no_grad()
 def greedy_generate(
@@ -123,20 +135,12 @@ class CausalLM(TaskModule):
     def _llama_from_config(self) -> torch.nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        hp = self.hparams
         config = LlamaConfig(
-            vocab_size=hp.vocab_size,
-            hidden_size=hp.hidden_size,
-            intermediate_size=hp.intermediate_size,
-            num_hidden_layers=hp.num_hidden_layers,
-            num_attention_heads=hp.num_attention_heads,
-            num_key_value_heads=hp.num_key_value_heads,
-            max_position_embeddings=hp.max_position_embeddings,
+            **{name: self.hparams[name] for name in LLAMA_CONFIG_ARGS},
             pad_token_id=self.tokenizer.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             tie_word_embeddings=False,
-            attn_implementation=hp.attn_implementation,
         )
         return LlamaForCausalLM(config)
 

@@ -16,6 +16,16 @@ from ._common import BUNDLED_MINILM, LRSchedule, TaskModule, check_optim_args, f
 
 __all__ = ["SequenceClassification", "mean_pool"]
 
+BERT_CONFIG_ARGS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+"""The constructor arguments that go straight into ``BertConfig``."""
+
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of ``hidden`` ``(batch, seq, dim)`` over the positions where ``attention_mask`` is 1."""
@@ -87,15 +97,7 @@ class SequenceClassification(TaskModule):
     def _bert_from_config(self) -> nn.Module:
         from transformers import BertConfig, BertModel
 
-        hp = self.hparams
-        config = BertConfig(
-            vocab_size=hp.vocab_size,
-            hidden_size=hp.hidden_size,
-            num_hidden_layers=hp.num_hidden_layers,
-            num_attention_heads=hp.num_attention_heads,
-            intermediate_size=hp.intermediate_size,
-            max_position_embeddings=hp.max_position_embeddings,
-        )
+        config = BertConfig(**{name: self.hparams[name] for name in BERT_CONFIG_ARGS})
         return BertModel(config, add_pooling_layer=False)
 
     @property

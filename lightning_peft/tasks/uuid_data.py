@@ -207,12 +207,6 @@ class UUIDMemorization(LightningDataModule):
         if eval_pairs is not None and not 1 <= eval_pairs <= num_pairs:
             raise ValueError(f"eval_pairs must be in [1, num_pairs={num_pairs}] or None, got {eval_pairs}")
         self.save_hyperparameters()
-        self.num_pairs = num_pairs
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.eval_pairs = eval_pairs
-        self.shuffle = shuffle
         self.tokenizer = CharTokenizer()
         self._pairs: list[tuple[str, str]] | None = None
         self._train: _TrainSet | None = None
@@ -227,24 +221,23 @@ class UUIDMemorization(LightningDataModule):
     def pairs(self) -> list[tuple[str, str]]:
         """All ``(key, value)`` pairs, deterministic in ``seed``."""
         if self._pairs is None:
-            self._pairs = make_uuid_pairs(self.num_pairs, self.seed)
+            self._pairs = make_uuid_pairs(self.hparams.num_pairs, self.hparams.seed)
         return self._pairs
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
             self._train = _TrainSet(self.pairs, self.tokenizer)
-            n_eval = self.num_pairs if self.eval_pairs is None else self.eval_pairs
+            n_eval = self.hparams.num_pairs if self.hparams.eval_pairs is None else self.hparams.eval_pairs
             self._eval = _EvalSet(self.pairs[:n_eval], self.tokenizer)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
         collate = _TrainCollate(self.tokenizer.pad_token_id)
-        seed = self.seed if self.shuffle else None
-        return make_loader(self._train, self.batch_size, self.num_workers, collate, seed, self.trainer)
+        return make_loader(self, self._train, collate, shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return make_loader(self._eval, self.batch_size, self.num_workers, _EvalCollate(self.tokenizer.pad_token_id))
+        return make_loader(self, self._eval, _EvalCollate(self.tokenizer.pad_token_id))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
