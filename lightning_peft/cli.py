@@ -2,7 +2,7 @@
 
     lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
-    lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
+    lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -118,7 +118,11 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] == "report":
         from jsonargparse import CLI
 
-        CLI(report, args=argv[1:])
+        try:
+            CLI(report, args=argv[1:])
+        except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
+            print(f"lightning-peft report: error: {err}", file=sys.stderr)
+            sys.exit(2)
         return
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
