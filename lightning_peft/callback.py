@@ -42,19 +42,20 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.hooks import RemovableHandle
 
-from .adapters.dora import DoRA
 from .inject import (
+    CHECKPOINT_KEY,
     AdapterStateError,
+    check_checkpoint,
     find_adapters,
     get_plan,
     inject_adapters,
     merge_adapters,
+    remove_adapters,
     save_adapters,
     trainable_state_keys,
 )
 from .policy import LayerPolicy, Plan, PolicyError
-
-CHECKPOINT_KEY = "lightning_peft"
+from .stored import check_state, plan_from_stored, read_checkpoint
 
 
 def print_plan(plan: Plan) -> None:
@@ -65,77 +66,16 @@ def print_plan(plan: Plan) -> None:
     get_console().print(plan.summary())
 
 
-def check_state_dict(module: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Raise if `state` lacks a trainable tensor of `module` or holds one of another shape.
+def check_before_load(module: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """Raise if `state` lacks a trainable tensor of `module`, or holds one that does not fit (shape, dtype, NaN).
 
-    With non-strict loading a missing key would otherwise keep its fresh random value silently.
-    The message names each module whose tensors differ, with the checkpoint's and the model's.
+    The tensor half of `check_checkpoint`, for the `load_state_dict` pre-hook, which sees the
+    state dict but not the rest of the checkpoint.
     """
     if get_plan(module) is None:
         return
-    needed = trainable_state_keys(module)
-    missing = needed - state.keys()
-    if missing:
-        extra = {k for k in state if ".adapter." in k and k not in needed}
-        raise AdapterStateError(
-            f"Checkpoint lacks {len(missing)} adapter tensor(s) the model needs; it was not written with this "
-            f"policy: {_describe_keys(missing, extra)}"
-        )
-    live_state = module.state_dict()
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(live_state[k].shape)}"
-        for k in live_state
-        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(live_state[k].shape)
-    ]
-    if wrong:
-        raise AdapterStateError("Checkpoint tensor shapes do not fit the model: " + "; ".join(wrong[:6]))
-
-
-def _describe_keys(missing: set[str], extra: set[str]) -> str:
-    """`module: checkpoint [tensors] vs model [tensors]` for the first modules that differ."""
-    by_module: dict[str, tuple[list[str], list[str]]] = {}
-    for keys, side in ((extra, 0), (missing, 1)):
-        for key in sorted(keys):
-            module, _, tensor = key.rpartition(".adapter.") if ".adapter." in key else key.rpartition(".")
-            by_module.setdefault(module, ([], []))[side].append(tensor)
-    parts = [f"{m}: checkpoint {ckpt or 'nothing'} vs model {live}" for m, (ckpt, live) in sorted(by_module.items())]
-    return "; ".join(parts[:4]) + (" ..." if len(parts) > 4 else "")
-
-
-def check_stored_plan(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Raise if the plan stored in `checkpoint` differs from the one injected into `module`."""
-    live = get_plan(module)
-    stored = checkpoint.get(CHECKPOINT_KEY)
-    if live is None or stored is None:
-        return
-    mismatch = _plan_mismatch(Plan.from_dict(stored["plan"]), live)
-    if mismatch:
-        raise AdapterStateError(f"Checkpoint was written with a different adapter plan: {mismatch}")
-
-
-def check_checkpoint(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Raise if `checkpoint` (plan, tensor names and shapes) does not fit the adapters of `module`."""
-    check_stored_plan(module, checkpoint)
-    check_state_dict(module, checkpoint.get("state_dict", {}))
-
-
-def _plan_mismatch(stored: Plan, live: Plan) -> str:
-    a = {name: (method, hp) for name, method, hp in stored.fingerprint()}
-    b = {name: (method, hp) for name, method, hp in live.fingerprint()}
-    problems = [f"{n}: only in checkpoint ({a[n][0]})" for n in sorted(set(a) - set(b))]
-    problems += [f"{n}: only in model ({b[n][0]})" for n in sorted(set(b) - set(a))]
-    problems += [
-        f"{n}: checkpoint {a[n][0]} {a[n][1]} vs model {b[n][0]} {b[n][1]}"
-        for n in sorted(set(a) & set(b))
-        if a[n] != b[n]
-    ]
-    return "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
-
-
-def _check_before_load(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """`load_state_dict` pre-hook: runs on the root module before any tensor is copied."""
-    if prefix == "":  # loads into a wrapper (FSDP) rename keys; `on_load_checkpoint` checks those
-        check_state_dict(module, state_dict)
+    required = trainable_state_keys(module)
+    check_state(state, module.state_dict(), source, required=required, scan=required & set(state))
 
 
 def build_layers_in_configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -152,6 +92,11 @@ def build_layers_in_configure_model(trainer: pl.Trainer, pl_module: pl.Lightning
     ):
         pl_module.configure_model()
     return True
+
+
+def _checkpoint_source(trainer: pl.Trainer) -> str:
+    """How errors name the checkpoint being loaded (`trainer.ckpt_path` is set once loading starts)."""
+    return str(trainer.ckpt_path or "checkpoint")
 
 
 def first_non_finite(module: torch.nn.Module, grads: bool) -> str | None:
@@ -232,7 +177,12 @@ class AdapterCallback(Callback):
         if self.adapter_only_checkpoint:
             pl_module.strict_loading = False
         self._remove_load_guard()
-        self._load_guard = pl_module.register_load_state_dict_pre_hook(_check_before_load)
+
+        def check_before_loading(module: torch.nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+            if prefix == "":  # a wrapper's load (FSDP) renames keys: `on_load_checkpoint` checks those
+                check_before_load(module, state, _checkpoint_source(trainer))
+
+        self._load_guard = pl_module.register_load_state_dict_pre_hook(check_before_loading)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_load_guard()
@@ -262,14 +212,15 @@ class AdapterCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refreshed = [
-            name
+            f"{name} ({layer.method})"
             for name, layer in find_adapters(pl_module)
-            if isinstance(layer.adapter, DoRA) and layer.adapter.refresh_if_base_changed(layer)
+            if layer.adapter.refresh_from_base(layer)
         ]
         if refreshed:
             rank_zero_info(
-                f"DoRA magnitudes of {len(refreshed)} module(s) re-initialised: their base weights changed after "
-                "injection (loaded in setup?), e.g. " + ", ".join(refreshed[:3])
+                f"Adapter state derived from base weights (e.g. DoRA magnitudes) re-initialised in {len(refreshed)} "
+                "module(s): their base weights changed after injection (loaded in setup?), e.g. "
+                + ", ".join(refreshed[:3])
             )
         missing = missing_from_optimizers(pl_module, trainer.optimizers)
         if missing:
@@ -326,20 +277,26 @@ class AdapterCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        check_checkpoint(pl_module, checkpoint)
+        check_checkpoint(pl_module, checkpoint, _checkpoint_source(trainer))
 
 
 def restore_from_checkpoint(model: torch.nn.Module, checkpoint: str | Path | dict[str, Any]) -> Plan:
     """Rebuild adapters from a checkpoint's stored plan and load its tensors, without a Trainer.
 
-    For `load_from_checkpoint`-style inference: build the bare module, then call this.
+    For `load_from_checkpoint`-style inference: build the bare module, then call this. A file
+    is read with `weights_only=True`; on any error the model is left as it was.
     """
+    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint)
     stored = checkpoint.get(CHECKPOINT_KEY)
-    if stored is None:
-        raise AdapterStateError("Checkpoint holds no lightning-peft plan (was AdapterCallback used?)")
-    plan = inject_adapters(model, Plan.from_dict(stored["plan"]))
-    check_checkpoint(model, checkpoint)
+    if not isinstance(stored, dict) or "plan" not in stored:
+        raise AdapterStateError(f"{source}: holds no lightning-peft plan (was AdapterCallback used?)")
+    plan = inject_adapters(model, plan_from_stored(stored["plan"], source))
+    try:
+        check_checkpoint(model, checkpoint, source)
+    except AdapterStateError:
+        remove_adapters(model)
+        raise
     model.load_state_dict(checkpoint["state_dict"], strict=not stored.get("adapter_only", False))
     return plan

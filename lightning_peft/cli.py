@@ -32,6 +32,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics
 from .inject import AdapterStateError
 from .policy import PolicyError
+from .schema import register_jsonargparse_loader
 
 OPTIMIZER_KEY = "optimizer"
 LR_SCHEDULER_KEY = "lr_scheduler"
@@ -73,6 +74,12 @@ class PeftCLI(LightningCLI):
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
+        # duplicate keys are errors (see `lightning_peft.schema`).
+        kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        return super().init_parser(**kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -149,7 +156,11 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] == "report":
         from jsonargparse import auto_cli
 
-        auto_cli(report, args=argv[1:])
+        try:
+            auto_cli(report, args=argv[1:])
+        except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
+            print(f"lightning-peft report: error: {err}", file=sys.stderr)
+            sys.exit(2)
         return
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself

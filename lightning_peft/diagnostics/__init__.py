@@ -1,8 +1,7 @@
-"""Per-layer update-norm diagnostics (DESIGN §6): pure metrics, cheap spectra, a callback, reports."""
+"""Per-layer update-norm diagnostics (docs/methods.md): pure metrics, per-module probes, a callback, reports."""
 
 from .callback import UpdateDiagnostics, build_probes
 from .metrics import (
-    METRICS,
     direction_drift,
     drift_correlation,
     effective_rank,
@@ -13,8 +12,8 @@ from .metrics import (
     spectrum_metrics,
     stable_rank,
 )
-from .report import COLUMNS, TABLE_FILE, draw_figures, read_table, render_report, summary_table
-from .spectra import UpdateProbe, dense_singular_values, lora_singular_values, mora_singular_values
+from .report import COLUMNS, METRICS, TABLE_FILE, draw_figures, read_table, render_report, summary_table
+from .spectra import UpdateProbe, dense_singular_values
 
 __all__ = [
     "COLUMNS",
@@ -30,9 +29,7 @@ __all__ = [
     "effective_rank",
     "energy_rank",
     "frobenius_norm",
-    "lora_singular_values",
     "magnitude_drift",
-    "mora_singular_values",
     "pearson",
     "read_table",
     "render_report",

@@ -36,8 +36,8 @@ from typing_extensions import override
 from ..adapters.base import AdapterLinear, is_supported_layer
 from ..inject import get_plan
 from ..policy import normalise_name, pattern_matches
-from .metrics import METRICS, acc_dtype
-from .report import TABLE_FILE, Row, append_rows, draw_figures, read_table, summary_table
+from .metrics import acc_dtype
+from .report import METRICS, TABLE_FILE, Row, append_rows, draw_figures, read_table, summary_table
 from .spectra import UpdateProbe
 
 SUMMARY_METRICS = ("rel_norm", "effective_rank")

@@ -38,11 +38,10 @@ EPS32 = torch.finfo(torch.float32).eps
 # An update this small relative to W0 is fp32 rounding (e.g. DoRA's m / ||V|| at init).
 ZERO_UPDATE_RTOL = 4 * EPS32
 
-# Every per-module metric name, here and nowhere else (the CSV columns follow this order).
+# The metric names every module has; a method's own extras are named by the method itself,
+# and `report.METRICS` (the CSV columns) puts them together.
 SPECTRAL_METRICS = ("fro_norm", "rel_norm", "spectral_ratio", "stable_rank", "effective_rank", "r90")
 DRIFT_METRICS = ("mag_drift", "dir_drift")
-DORA_METRICS = ("dora_scale_norm", "dora_lowrank_norm")
-METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *DORA_METRICS, "grad_norm")
 
 
 def acc_dtype(device: torch.device) -> torch.dtype:

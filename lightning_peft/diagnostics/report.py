@@ -15,9 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import METRICS, drift_correlation
+from ..adapters import diagnostic_names
+from .metrics import DRIFT_METRICS, SPECTRAL_METRICS, drift_correlation
 
 TABLE_FILE = "update_diagnostics.csv"
+METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *diagnostic_names(), "grad_norm")  # methods' extras: their own
 KEY_COLUMNS = ("step", "module", "block", "kind", "method")
 COLUMNS = (*KEY_COLUMNS, *METRICS)
 
