@@ -199,8 +199,8 @@ def test_checkpoint_from_other_policy_is_rejected_before_training(run6, tmp_path
     tr = trainer(tmp_path, max_steps=6, callbacks=[callback(POLICIES / "lora_all.yaml")])
     with pytest.raises(
         AdapterStateError,
-        match=r"not written with this policy: model.model.layers.0.mlp.down_proj: "
-        r"checkpoint \['mora_M'\] vs model \['lora_A', 'lora_B'\]",
+        match=r"step=3.ckpt: stored state does not fit the model: "
+        r"missing \['model.model.layers.0.mlp.down_proj.adapter.lora_A', 'model.model.layers.0.mlp.down_proj.adapter.lora_B'",
     ):
         tr.fit(module, train_dataloaders=token_loader(), ckpt_path=run6[True]["root"] / "step=3.ckpt")
     assert module.train_losses == []
