@@ -306,7 +306,7 @@ def check_checkpoint(model: nn.Module, checkpoint: dict[str, Any], source: str =
     if stored is not None:
         if not isinstance(stored, dict) or "plan" not in stored:
             raise AdapterStateError(f"{source}: `{CHECKPOINT_KEY}` entry is not a lightning-peft record")
-        mismatch = plans_differ(plan_from_stored(stored["plan"], source), live)
+        mismatch = plans_differ(plan_from_stored(stored["plan"], source), live, what="checkpoint")
         if mismatch:
             raise AdapterStateError(f"{source}: written with a different adapter plan: {mismatch}")
     state = checkpoint.get("state_dict")

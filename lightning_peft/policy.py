@@ -43,6 +43,7 @@ from .adapters.base import (
     AdapterLinear,
     check_hyperparameters,
     get_adapter_class,
+    hyperparameter_names,
     is_supported_layer,
     layer_shape,
     supported_layer_types,
@@ -69,21 +70,21 @@ class PolicyWarning(UserWarning):
 
 def check_fields(obj: Any) -> None:
     """Raise a `PolicyError` naming the first dataclass field whose value is not of its annotated type."""
-    hints = _dataclass_types(type(obj))
-    for f in dataclasses.fields(obj):
-        error = type_error(getattr(obj, f.name), hints.get(f.name, Any))
+    for name, annotation in _dataclass_types(type(obj)):
+        error = type_error(getattr(obj, name), annotation)
         if error is not None:
-            raise PolicyError(f"`{f.name}` {error}")
+            raise PolicyError(f"`{name}` {error}")
 
 
 @functools.cache
-def _dataclass_types(cls: type) -> dict[str, Any]:
-    return signature_types(cls)
+def _dataclass_types(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = signature_types(cls)
+    return tuple((f.name, hints.get(f.name, Any)) for f in dataclasses.fields(cls))
 
 
 def check_unknown_keys(mapping: dict[str, Any], cls: type, what: str) -> None:
     """Raise naming a key of `mapping` that is not a field of dataclass `cls` (with a close match)."""
-    valid = [f.name for f in dataclasses.fields(cls)]
+    valid = [name for name, _ in _dataclass_types(cls)]
     for key in mapping:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
@@ -258,7 +259,8 @@ def check_method_hparams(method: str, hparams: dict[str, Any]) -> None:
         return
     try:
         cls = get_adapter_class(method)
-        check_hyperparameters(method, hparams)
+        if not set(hparams) <= _hparam_names(cls):
+            check_hyperparameters(method, hparams)  # raises, naming the unknown ones
     except ValueError as err:
         raise PolicyError(f"{err}" + (" (or 'none'/'full')" if method not in _registered() else "")) from None
     types = _init_types(cls)
@@ -272,6 +274,11 @@ def _registered() -> list[str]:
     from .adapters.base import ADAPTERS
 
     return list(ADAPTERS)
+
+
+@functools.cache
+def _hparam_names(cls: type) -> frozenset[str]:
+    return frozenset(hyperparameter_names(cls))
 
 
 @functools.cache
@@ -488,7 +495,7 @@ class LayerPolicy:
     def _check_duplicate_rules(self) -> None:
         seen: dict[str, int] = {}
         for i, rule in enumerate(self.rules):
-            key = json.dumps([rule.modules, dataclasses.asdict(rule.depth) if rule.depth else None], sort_keys=True)
+            key = repr((rule.modules, rule.depth))  # dataclass reprs: cheap and exact
             if key in seen:
                 raise PolicyError(
                     f"{rule.label(i)} has the same `modules` and `depth` as rule {seen[key]}; it could never match"

@@ -144,14 +144,14 @@ def _check_fields(obj: Any, where: str, what: str, skip: set[str] = frozenset())
             raise AdapterStateError(f"{where}: {what} field `{f.name}` {error}")
 
 
-def plans_differ(stored: Plan, live: Plan) -> str:
-    """What differs between two plans (module, method, hyper-parameters), or `""`."""
+def plans_differ(stored: Plan, live: Plan, what: str = "stored") -> str:
+    """What differs between two plans (module, method, hyper-parameters), or `""`; `what` names the stored side."""
     a = {name: (method, hp) for name, method, hp in stored.fingerprint()}
     b = {name: (method, hp) for name, method, hp in live.fingerprint()}
-    problems = [f"{n}: only in the stored plan ({a[n][0]})" for n in sorted(set(a) - set(b))]
+    problems = [f"{n}: only in the {what} plan ({a[n][0]})" for n in sorted(set(a) - set(b))]
     problems += [f"{n}: only in the model ({b[n][0]})" for n in sorted(set(b) - set(a))]
     both = [n for n in sorted(set(a) & set(b)) if a[n] != b[n]]
-    problems += [f"{n}: stored {a[n][0]} {a[n][1]} vs model {b[n][0]} {b[n][1]}" for n in both]
+    problems += [f"{n}: {what} {a[n][0]} {a[n][1]} vs model {b[n][0]} {b[n][1]}" for n in both]
     return "; ".join(problems[:MAX_LISTED]) + (" ..." if len(problems) > MAX_LISTED else "")
 
 
