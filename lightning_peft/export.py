@@ -540,8 +540,14 @@ def load_peft_export(base: nn.Module, folder: str | Path, is_trainable: bool = F
 # -- import from peft -------------------------------------------------------------------------
 
 
-def peft_policy(layers: list[PeftLayer], prefix: str = "") -> LayerPolicy:
-    """A policy that reproduces a peft adapter's layers exactly: one rule per (method, hyper-parameters)."""
+def peft_policy(source: str | Path | list[PeftLayer], prefix: str = "") -> LayerPolicy:
+    """A policy that reproduces a peft adapter's layers exactly: one rule per (method, hyper-parameters).
+
+    `source` is a peft adapter folder (or its read layers); `prefix` goes in front of every
+    module name (`"model."` for a LightningModule holding the HF model as `self.model`).
+    Give it to `AdapterCallback` to train an imported adapter on.
+    """
+    layers = read_peft_layers(source) if isinstance(source, str | Path) else source
     groups: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
     for x in layers:
         method = "dora" if x.use_dora else "lora"

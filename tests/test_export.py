@@ -77,7 +77,9 @@ def test_trained_adapters_load_in_peft_from_pretrained(tmp_path, policy):
     assert list(report.adapters) == ["."] and report.prefix == "model."
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] == (policy is DORA_RANKS) and config["use_rslora"] == (policy is RSLORA)
-    assert (config["rank_pattern"] or config["alpha_pattern"]) and config["lora_dropout"] == (0.1 if policy is LORA_RANKS else 0.0)
+    assert (config["rank_pattern"] or config["alpha_pattern"]) and config["lora_dropout"] == (
+        0.1 if policy is LORA_RANKS else 0.0
+    )
     peft_model = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "adapter")).eval()
     assert rel_diff(model_out(peft_model, ids), ours) < RTOL
     loaded = {n: m for n, m in peft_model.named_modules()}
@@ -123,7 +125,9 @@ def test_merged_export_loads_with_auto_model_for_causal_lm(tmp_path):
     assert rel_diff(model_out(loaded, ids), ours) < RTOL
     keys = load_file(tmp_path / "merged" / "model.safetensors")
     assert not [k for k in keys if ".adapter." in k or ".base." in k]  # plain Linear layers, no wrappers
-    assert torch.equal(model_out(module.model, ids), ours) and not any(layer.merged for _, layer in find_adapters(module))
+    assert torch.equal(model_out(module.model, ids), ours) and not any(
+        layer.merged for _, layer in find_adapters(module)
+    )
 
 
 def test_merged_export_of_bert_loads_with_auto_model(tmp_path):
@@ -161,7 +165,9 @@ def test_mora_to_lora_at_full_rank_is_exact_to_rounding(tmp_path):
     for f in report.converted:
         assert f.rank == f.full_rank == 32 and f.rel_error < 1e-6 and f.energy == pytest.approx(1.0)
     assert report.max_logit_diff < 1e-5 * float(ours.abs().max())
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"), str(tmp_path / "out"))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"), str(tmp_path / "out")
+    )
     assert rel_diff(model_out(peft_model.eval(), ids), ours) < RTOL
 
 
@@ -178,7 +184,9 @@ def test_svd_report_numbers_match_a_direct_computation(tmp_path):
         assert f.rel_error == pytest.approx(float(s[5:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-6)
         assert f.rel_error > 1e-3  # rank 5 of 32 loses something
     # The reported logit difference is what peft gives when it loads the converted adapter.
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"), str(tmp_path / "out"))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"), str(tmp_path / "out")
+    )
     direct = float((model_out(peft_model.eval(), ids) - ours).abs().max())
     assert report.max_logit_diff == pytest.approx(direct, rel=1e-3, abs=1e-6) and direct > 0
     # Per layer: this layer alone converted, by hand (a plain Linear holding W0 + B A in a copy).
@@ -208,3 +216,186 @@ def test_svd_factors_energy_threshold_picks_the_smallest_rank():
     for energy, rank in ((0.7, 1), (0.9, 2), (0.95, 3), (0.999, 10), (1.0, 12)):
         assert svd_factors(delta, rank=None, energy=energy)[1].shape[0] == rank, energy
     assert svd_factors(delta, rank=50, energy=None)[1].shape[0] == 12  # capped at the full rank
+
+
+# -- import from peft -------------------------------------------------------------------------
+
+
+def peft_adapter(tmp_path: Path, **config) -> tuple[torch.nn.Module, Path]:
+    """A peft adapter trained elsewhere: get_peft_model + random B (peft starts B at zero) + save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(0), LoraConfig(**config))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    return peft_model.eval(), tmp_path / "peft"
+
+
+PEFT_CONFIGS = {
+    "lora-patterns": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "rank_pattern": {"down_proj": 2, "layers.1.self_attn.q_proj": 6},
+        "alpha_pattern": {"v_proj": 3},
+    },
+    "dora-rslora": {
+        "r": 4,
+        "lora_alpha": 5,
+        "target_modules": ["k_proj", "o_proj"],
+        "use_dora": True,
+        "use_rslora": True,
+    },
+}
+
+
+@pytest.mark.parametrize("config", PEFT_CONFIGS.values(), ids=PEFT_CONFIGS.keys())
+def test_import_peft_adapter_gives_peft_outputs(tmp_path, config):
+    from lightning_peft.export import import_peft
+
+    peft_model, folder = peft_adapter(tmp_path, **config)
+    ids = tokens()
+    model = tiny_llama(0)
+    plan = import_peft(model, folder)
+    assert rel_diff(model_out(model, ids), model_out(peft_model, ids)) < RTOL
+    ranks = {r.name: r.hparams["r"] for r in plan.rows}
+    if "rank_pattern" in config:
+        assert ranks["model.layers.1.self_attn.q_proj"] == 6 and ranks["model.layers.0.mlp.down_proj"] == 2
+    assert {r.method for r in plan.rows} == {"dora" if config.get("use_dora") else "lora"}
+    # ... and it exports back to the same peft adapter
+    export_peft(model, tmp_path / "again")
+    again = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "again")).eval()
+    assert rel_diff(model_out(again, ids), model_out(peft_model, ids)) < RTOL
+
+
+def test_imported_peft_adapter_trains_on_under_a_lightning_module(tmp_path):
+    from lightning_peft.export import import_peft, peft_policy
+
+    peft_model, folder = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    module = CausalLMModule(tiny_llama(0), lr=1e-2)
+    plan = import_peft(module, folder)  # the module's `model.` prefix is added
+    assert all(r.name.startswith("model.model.layers.") for r in plan.rows)
+    ids = tokens()
+    assert rel_diff(model_out(module.model.eval(), ids), model_out(peft_model, ids)) < RTOL
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=2, callbacks=[AdapterCallback(peft_policy(folder, "model."), verbose=False)]).fit(
+            module.train(), token_loader()
+        )
+    changed = [n for n, p in module.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert set(changed) == set(before) and len(before) == 4 * 6  # A and B of q and v in 6 blocks
+
+
+def test_diagnostics_measure_an_imported_peft_adapter(tmp_path):
+    from lightning_peft.diagnostics import build_probes
+    from lightning_peft.export import import_peft
+
+    peft_model, folder = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"])
+    model = tiny_llama(0)
+    import_peft(model, folder)
+    probes = {p.name: p for p in build_probes(model, snapshot=False)}
+    name = "model.layers.2.self_attn.q_proj"
+    values = probes[name].measure(lambda *a: None)
+    layer = peft_model.get_submodule("base_model.model." + name)
+    w0 = layer.base_layer.weight.double()
+    dw = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double() * layer.scaling["default"]
+    assert float(values["rel_norm"]) == pytest.approx(float(dw.norm() / w0.norm()), rel=1e-4)
+
+
+# -- bad input: named errors, nothing written, nothing changed ---------------------------------
+
+
+def test_unsupported_peft_types_are_named_errors(tmp_path):
+    from peft import IA3Config, LoHaConfig, get_peft_model
+
+    from lightning_peft.export import import_peft
+    from lightning_peft.peft_format import PeftFormatError
+
+    for name, config in {
+        "LOHA": LoHaConfig(r=4, target_modules=["q_proj"]),
+        "IA3": IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }.items():
+        get_peft_model(tiny_llama(0), config).save_pretrained(tmp_path / name)
+        model = tiny_llama(0)
+        with pytest.raises(PeftFormatError, match=f"peft_type '{name}' is not supported"):
+            import_peft(model, tmp_path / name)
+        assert get_plan(model) is None and not find_adapters(model)
+
+
+def test_bad_exports_are_named_errors_and_write_nothing(tmp_path):
+    model = mora_model()
+    target = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.gate_proj \(mora\)"):
+        export_peft(model, target)  # MoRA without a route
+    with pytest.raises(ExportError, match="exactly one of svd_rank"):
+        export_peft(model, target, routes={"mora": "svd"})
+    merge_adapters(model)
+    with pytest.raises(ExportError, match="merged"):
+        export_peft(model, target, routes={"mora": "fold"})
+    assert sorted(tmp_path.iterdir()) == []  # no target, no temporary folder
+    with pytest.raises(ExportError, match="carries no lightning-peft adapters"):
+        export_peft(tiny_llama(0), target)
+    with pytest.raises(ExportError, match="carries no lightning-peft adapters"):
+        export_merged(tiny_llama(0), target)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_folder(tmp_path, monkeypatch):
+    import lightning_peft.export as export
+
+    model = tiny_llama(0)
+    inject_adapters(model, {"rules": [{"method": "lora", "modules": ["q_proj"], "hparams": {"r": 2}}]})
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    for call in (lambda: export_peft(model, target), lambda: export_merged(model, target)):
+        with pytest.raises(ExportError, match="not empty; pass overwrite=True"):
+            call()
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_adapter", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_peft(model, target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["keep.txt"]
+    monkeypatch.undo()
+    export_peft(model, target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        MANIFEST_FILE,
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_fold_route_writes_mora_and_full_modules_into_the_saved_base(tmp_path):
+    model = tiny_llama(0)
+    policy = {
+        "rules": [
+            {"method": "mora", "modules": ["mlp.*"], "depth": {"first": 1}, "hparams": {"r": 4}},
+            {"method": "dora", "modules": ["q_proj"], "hparams": {"r": 4}},
+            {"method": "full", "modules": ["lm_head"]},
+        ]
+    }
+    inject_adapters(model, policy)
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    ids = tokens()
+    ours = model_out(model, ids)
+    with pytest.raises(ExportError, match="full.*only|has no low-rank update"):
+        export_peft(model, tmp_path / "out", routes={"mora": "svd", "full": "svd"}, svd_rank=2)
+    report = export_peft(model, tmp_path / "out", routes={"mora": "fold", "full": "fold"})
+    assert report.folded == [r.name for r in get_plan(model).rows if r.method in ("mora", "full")]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
+    assert rel_diff(model_out(peft_model, ids), ours) < RTOL
+    assert torch.equal(model_out(model, ids), ours)  # the user's model is untouched
