@@ -82,7 +82,7 @@ def test_trained_adapters_load_in_peft_from_pretrained(tmp_path, policy):
     )
     peft_model = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "adapter")).eval()
     assert rel_diff(model_out(peft_model, ids), ours) < RTOL
-    loaded = {n: m for n, m in peft_model.named_modules()}
+    loaded = dict(peft_model.named_modules())
     for row in get_plan(module).rows:  # every layer got its own rank and scaling
         layer = loaded["base_model.model." + row.name.removeprefix("model.")]
         r = row.hparams["r"]
