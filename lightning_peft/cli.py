@@ -3,6 +3,8 @@
     lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
     lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
+    lightning-peft export --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --out DIR
+                                                              # a peft adapter folder (or --format merged)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -14,15 +16,18 @@ parameters and train nothing (reference/lightning.md §4.5).
 
 from __future__ import annotations
 
+import pickle
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callback import AdapterCallback, print_plan
 from .diagnostics import UpdateDiagnostics
+from .export import ExportError
 from .inject import AdapterStateError
+from .peft_format import PeftFormatError
 from .policy import PolicyError
 
 
@@ -31,6 +36,39 @@ class PeftTrainer(pl.Trainer):
 
     def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         """Dry run: build the model, resolve the adapter policy, print the plan; train nothing."""
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        out: str,
+        datamodule: pl.LightningDataModule | None = None,
+        format: Literal["peft", "merged"] = "peft",
+        routes: dict[str, str] | None = None,
+        svd_rank: int | None = None,
+        svd_energy: float | None = None,
+        submodule: str | None = None,
+        save_base: bool = False,
+        overwrite: bool = False,
+        weights_only: bool | None = None,
+    ) -> None:
+        """Turn a finished run into a servable artifact: rebuild its adapters from a checkpoint, then export.
+
+        Args:
+            ckpt_path: the run's checkpoint (read with weights_only=True; its stored plan is injected).
+            out: target folder (written via a temporary folder next to it, then renamed).
+            format: `peft` (HF peft LoRA/DoRA adapter folder) or `merged` (transformers save_pretrained).
+            routes: for peft, per method, `fold` (into base weights saved in out/base) or `svd`
+                (convert to LoRA), e.g. `{mora: svd, full: fold}`; LoRA and DoRA need none.
+            svd_rank: rank of the `svd` route.
+            svd_energy: or the share of each update's squared Frobenius norm to keep, in (0, 1].
+            submodule: attribute path of the Hugging Face model inside the LightningModule (default: its
+                single PreTrainedModel child, e.g. `model`).
+            save_base: also write the base model to out/base (for a base built from a config, not a hub).
+            overwrite: replace a non-empty `out`.
+            weights_only: accepted so a run's saved config.yaml parses; checkpoints are always read with
+                weights_only=True (False is refused).
+        """
 
 
 class PeftCLI(LightningCLI):
@@ -51,6 +89,7 @@ class PeftCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
         commands["plan"] = {"model", "datamodule"}
+        commands["export"] = {"model", "datamodule"}
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -65,7 +104,7 @@ class PeftCLI(LightningCLI):
             self.parser.error(str(err))  # jsonargparse's usage + message, exit code 2, before any training
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
-        if self.subcommand != "plan":
+        if self.subcommand not in ("plan", "export"):  # export injects the checkpoint's own plan
             self._get(self.config_init, "adapters").inject(self.model)
         self._add_configure_optimizers_method_to_model(self.subcommand)
         self.trainer = self.instantiate_trainer()
@@ -73,6 +112,26 @@ class PeftCLI(LightningCLI):
     def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         callback = self._get(self.config_init, "adapters")
         print_plan(callback.policy.resolve(model))
+
+    def export(self, model: pl.LightningModule, datamodule: Any = None, **options: Any) -> None:
+        from rich import get_console
+
+        from .export import export_checkpoint
+
+        if options.pop("weights_only") is False:
+            raise ExportError("export reads checkpoints with weights_only=True only; --weights_only false is refused")
+        fmt = options.pop("format")
+        ckpt_path, out = options.pop("ckpt_path"), options.pop("out")
+        if fmt == "merged":
+            extra = sorted(k for k in ("routes", "svd_rank", "svd_energy") if options[k] is not None)
+            if extra or options["save_base"]:
+                raise ExportError(f"--format merged folds every adapter; {extra or ['save_base']} apply to peft only")
+            options = {k: options[k] for k in ("submodule", "overwrite")}
+        result = export_checkpoint(model, ckpt_path, out, format=fmt, **options)
+        console = get_console()
+        if fmt == "peft" and result.converted:
+            console.print(result.table())
+        console.print(f"exported {ckpt_path} as {fmt} to {out}")
 
     def after_fit(self) -> None:
         """Print the final metrics (rank zero) so the main job ends with its numbers."""
@@ -115,8 +174,14 @@ def main(args: list[str] | None = None) -> None:
         return
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
-    except (PolicyError, AdapterStateError) as err:  # bad policy / adapter state: a message, not a traceback
+    except (PolicyError, AdapterStateError, ExportError, PeftFormatError) as err:  # a message, not a traceback
         print(f"lightning-peft: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except pickle.UnpicklingError as err:  # LightningCLI reads --ckpt_path's hyper-parameters with weights_only=True
+        print(
+            f"lightning-peft: error: checkpoint refused by weights_only=True: {str(err).splitlines()[0]}",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -187,7 +187,7 @@ class ExportReport:
 
         table = Table(title=f"SVD conversion to LoRA (all layers at once: max |logit diff| {self.max_logit_diff})")
         for col in ("module", "method", "rank", "of", "energy", "rel. Frobenius error", "max |logit diff|"):
-            table.add_column(col, justify="left" if col in ("module", "method") else "right")
+            table.add_column(col, justify="left" if col in ("module", "method") else "right", overflow="fold")
         for f in self.converted:
             diff = "-" if f.max_logit_diff is None else f"{f.max_logit_diff:.3e}"
             table.add_row(
@@ -625,3 +625,43 @@ __all__ = [
     "svd_factors",
     "unwrap",
 ]
+
+
+# -- from a finished run's checkpoint -------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning `.ckpt` loaded with `weights_only=True` (tensors and plain data only, never code)."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"Checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise ExportError(f"{path}: cannot be read with weights_only=True ({str(err).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ExportError(f"{path}: not a Lightning checkpoint (no `state_dict`)")
+    return checkpoint
+
+
+def export_checkpoint(
+    model: nn.Module, ckpt_path: str | Path, out: str | Path, *, format: str = "peft", **options: Any
+) -> ExportReport | Path:
+    """Rebuild a run's adapters on a freshly built `model` from its checkpoint, then export.
+
+    `model` is the module the run trained (built from the run's config, without adapters);
+    the checkpoint's stored plan is injected and its tensors loaded before exporting.
+    `format` is `peft` (`options` as `export_peft`) or `merged` (`submodule`, `overwrite`).
+    """
+    from .callback import restore_from_checkpoint
+
+    if format not in ("peft", "merged"):
+        raise ExportError(f"format must be 'peft' or 'merged', got {format!r}")
+    check_target(out, bool(options.get("overwrite", False)))
+    checkpoint = read_checkpoint(ckpt_path)
+    restore_from_checkpoint(model, checkpoint)
+    if format == "merged":
+        return export_merged(model, out, **options)
+    return export_peft(model, out, **options)
