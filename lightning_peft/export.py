@@ -46,6 +46,7 @@ from .peft_format import (
     read_peft_layers,
     write_adapter,
 )
+from .names import prefix_hint
 from .policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
 
 MANIFEST_FILE = "lightning_peft_export.json"
@@ -87,24 +88,6 @@ def _default_submodule(model: nn.Module) -> str:
         return ""
     children = [n for n, c in model.named_children() if isinstance(c, PreTrainedModel)]
     return children[0] if len(children) == 1 else ""
-
-
-def prefix_hint(name: str, module_names: list[str]) -> str:
-    """A sentence suggesting the submodule/prefix fix when `name` is absent only because of a prefix."""
-    longer = [m for m in module_names if m.endswith("." + name)]
-    if longer:
-        prefix = longer[0][: -len(name) - 1]
-        return (
-            f" A module {longer[0]!r} exists: pass submodule={prefix!r} (the names lack the prefix {prefix + '.'!r})."
-        )
-    shorter = [m for m in module_names if name.endswith("." + m)]
-    if shorter:
-        prefix = name[: -len(shorter[0]) - 1]
-        return (
-            f" A module {shorter[0]!r} exists: the names carry an extra prefix {prefix + '.'!r}; pass the model "
-            f"that owns them, or submodule='' to use the object you passed as is."
-        )
-    return ""
 
 
 def _strip_prefix(rows: list[PlanRow], prefix: str) -> dict[str, PlanRow]:

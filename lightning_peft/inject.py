@@ -55,7 +55,10 @@ def _replace(model: nn.Module, raw_name: str, new: nn.Module) -> None:
 def _check_plan_fits(model: nn.Module, plan: Plan, modules: dict[str, tuple[str, nn.Module]]) -> None:
     for row in plan.rows:
         if row.name not in modules:
-            raise AdapterStateError(f"Plan module {row.name!r} does not exist in {type(model).__name__}")
+            from .names import prefix_hint
+
+            hint = prefix_hint(row.name, list(modules))
+            raise AdapterStateError(f"Plan module {row.name!r} does not exist in {type(model).__name__}.{hint}")
         module = modules[row.name][1]
         if row.method == "full":
             continue
@@ -197,15 +200,25 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
             os.remove(tmp)
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> Path:
-    """Write `adapters.safetensors` and `plan.json` into `directory` (atomically)."""
+def save_adapters(model: nn.Module, directory: str | Path, submodule: str | None = None) -> Path:
+    """Write `adapters.safetensors` and `plan.json` into `directory` (atomically).
+
+    `submodule` (e.g. `"model"` for a LightningModule's `self.model`) stores names relative to
+    that submodule, so the files load into the bare Hugging Face model.
+    """
     from safetensors.torch import save_file
+
+    from .names import strip_prefix, submodule_prefix
 
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot save adapters of a merged model; call unmerge_adapters() first")
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     plan = get_plan(model)
     assert plan is not None
+    try:
+        plan, state = strip_prefix(plan, state, submodule_prefix(submodule))
+    except ValueError as err:
+        raise AdapterStateError(f"save_adapters(submodule={submodule!r}): {err}") from None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "lightning-peft"}))
@@ -251,17 +264,27 @@ def check_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
         raise AdapterStateError("Adapter state does not fit the model: " + "; ".join(problems))
 
 
-def load_adapters(model: nn.Module, directory: str | Path) -> Plan:
+def load_adapters(model: nn.Module, directory: str | Path, submodule: str | None = None) -> Plan:
     """Inject the stored plan (if the model has none) and load the stored tensors.
 
+    `submodule`: the stored names are relative to this submodule of `model` (files saved from
+    the bare Hugging Face model, loaded into the LightningModule holding it as `self.model`).
     Everything is validated first; on any error the model is left as it was.
     """
+    from .names import add_prefix, submodule_prefix
+
     plan, tensors = read_adapter_dir(directory)
+    plan, tensors = add_prefix(plan, tensors, submodule_prefix(submodule))
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot load adapters into a merged model; call unmerge_adapters() first")
     existing = get_plan(model)
     if existing is not None and existing.fingerprint() != plan.fingerprint():
-        raise AdapterStateError(f"{directory}: its plan differs from the model's ({_first_difference(existing, plan)})")
+        from .names import plan_prefix_hint
+
+        hint = plan_prefix_hint(plan, existing)
+        raise AdapterStateError(
+            f"{directory}: its plan differs from the model's ({_first_difference(existing, plan)}).{hint}"
+        )
     if existing is None:
         _check_plan_fits(model, plan, _modules_by_name(model))
         _check_state_against_plan(plan, tensors)

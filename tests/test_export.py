@@ -399,3 +399,42 @@ def test_fold_route_writes_mora_and_full_modules_into_the_saved_base(tmp_path):
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
     assert rel_diff(model_out(peft_model, ids), ours) < RTOL
     assert torch.equal(model_out(model, ids), ours)  # the user's model is untouched
+
+
+# -- module-name prefixes -------------------------------------------------------------------------
+
+
+def test_adapters_move_between_a_lightning_module_and_its_bare_model(tmp_path):
+    from lightning_peft import load_adapters, save_adapters
+    from lightning_peft.inject import AdapterStateError
+
+    module = CausalLMModule(tiny_llama(0))
+    inject_adapters(module, {"rules": [{"method": "dora", "modules": ["q_proj"], "hparams": {"r": 2}}]})
+    randomize_adapters(module)
+    ids = tokens()
+    ours = model_out(module.model.eval(), ids)
+    save_adapters(module, tmp_path / "prefixed")
+    with pytest.raises(AdapterStateError, match=r"extra prefix 'model\.'.*submodule='model'"):
+        load_adapters(tiny_llama(0), tmp_path / "prefixed")
+    save_adapters(module, tmp_path / "bare", submodule="model")
+    bare = tiny_llama(0)
+    load_adapters(bare, tmp_path / "bare")
+    assert torch.equal(model_out(bare, ids), ours)
+    with pytest.raises(AdapterStateError, match=r"lack the prefix 'model\.'.*submodule='model'"):
+        load_adapters(CausalLMModule(tiny_llama(0)), tmp_path / "bare")
+    again = CausalLMModule(tiny_llama(0))
+    load_adapters(again, tmp_path / "bare", submodule="model")
+    assert torch.equal(model_out(again.model.eval(), ids), ours)
+    assert get_plan(again).fingerprint() == get_plan(module).fingerprint()
+
+
+def test_import_names_the_prefix_when_modules_are_missing(tmp_path):
+    from lightning_peft.export import import_peft
+
+    _, folder = peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    module = CausalLMModule(tiny_llama(0))
+    with pytest.raises(ExportError, match=r"lack the prefix 'model\.'; pass submodule='model'"):
+        import_peft(module, folder, submodule="")  # explicitly the LightningModule itself: names are off by `model.`
+    assert get_plan(module) is None
+    with pytest.raises(ExportError, match="does not exist"):
+        import_peft(module, folder, submodule="nope")
