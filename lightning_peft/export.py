@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .adapters.base import AdapterLinear, get_adapter_class
 from .inject import find_adapters, get_plan, inject_adapters, load_adapter_state
+from .names import prefix_hint
 from .peft_format import (
     PEFT_TENSOR_NAMES,
     PeftFormatError,
@@ -46,7 +47,6 @@ from .peft_format import (
     read_peft_layers,
     write_adapter,
 )
-from .names import prefix_hint
 from .policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
 
 MANIFEST_FILE = "lightning_peft_export.json"
