@@ -164,13 +164,38 @@ def report(log_dir: str) -> None:
     get_console().print(render_report(log_dir))
 
 
+def inspect(
+    adapter: str, base: str, out: str = "peft_diagnostics", auto_class: str | None = None, plots: bool = True
+) -> None:
+    """Per-layer diagnostics of a peft LoRA/DoRA adapter trained elsewhere (update norms, ranks, DoRA drift).
+
+    Args:
+        adapter: the peft adapter folder (adapter_config.json + adapter_model.safetensors).
+        base: local folder of its base model (a transformers save_pretrained folder).
+        out: where update_diagnostics.csv and the figures go (`lightning-peft report OUT` re-renders them).
+        auto_class: transformers Auto class for the base (default: from the adapter's task_type).
+        plots: draw the PNG figures.
+    """
+    from rich import get_console
+
+    from .diagnostics import render_report
+    from .export import diagnose_peft
+
+    diagnose_peft(adapter, base, out, auto_class)
+    get_console().print(render_report(out, plots=plots))
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (`lightning-peft`)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "report":
+    if argv and argv[0] in ("report", "inspect"):
         from jsonargparse import CLI
 
-        CLI(report, args=argv[1:])
+        try:
+            CLI(report if argv[0] == "report" else inspect, args=argv[1:])
+        except (ExportError, PeftFormatError, AdapterStateError) as err:
+            print(f"lightning-peft: error: {err}", file=sys.stderr)
+            sys.exit(2)
         return
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself

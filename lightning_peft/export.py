@@ -580,6 +580,39 @@ def import_peft(model: nn.Module, directory: str | Path, *, submodule: str | Non
     return plan
 
 
+AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_class: str | None = None) -> Path:
+    """Per-layer update diagnostics of a peft LoRA/DoRA adapter trained elsewhere, written for `report`.
+
+    The base is loaded from a local folder with the transformers Auto class its `task_type`
+    implies (`AutoModel` when it has none), the adapter is read into our layers, and one
+    row per module (update norm, spectral ratio, ranks, DoRA drift) goes to
+    `out/update_diagnostics.csv`.
+    """
+    import transformers
+
+    from .diagnostics.snapshot import write_snapshot
+    from .peft_format import read_peft_config
+
+    config = read_peft_config(adapter)
+    name = auto_class or AUTO_CLASSES.get(str(config.get("task_type")), "AutoModel")
+    if not hasattr(transformers, name):
+        raise ExportError(f"auto_class {name!r} is not a transformers class")
+    if not Path(base).is_dir():
+        raise ExportError(f"base {str(base)!r} is not a local model folder")
+    model = getattr(transformers, name).from_pretrained(str(base), local_files_only=True)
+    import_peft(model, adapter, submodule="")
+    return write_snapshot(model, out)
+
+
 def _check_factor_shapes(name: str, x: PeftLayer, module: nn.Module) -> None:
     from .adapters.base import is_supported_layer, layer_shape
 
@@ -599,6 +632,7 @@ __all__ = [
     "ExportReport",
     "LayerFidelity",
     "PeftFormatError",
+    "diagnose_peft",
     "export_merged",
     "export_peft",
     "import_peft",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import restore_from_checkpoint
@@ -90,3 +92,35 @@ def test_export_errors_exit_2_and_write_nothing(run, tmp_path, capsys):
         main(["export", "--config", str(config), "--ckpt_path", str(bad), "--out", str(out)])
     assert "weights_only=True" in capsys.readouterr().err
     assert sorted(tmp_path.iterdir()) == [bad]
+
+
+def test_inspect_reports_per_layer_diagnostics_of_a_peft_adapter(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(0)
+    base.save_pretrained(tmp_path / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    main(["inspect", str(tmp_path / "adapter"), str(tmp_path / "base"), "--out", str(tmp_path / "diag")])
+    out = capsys.readouterr().out
+    assert "dora" in out and "rel. norm" in out
+    rows = list(csv.DictReader((tmp_path / "diag" / "update_diagnostics.csv").open()))
+    assert len(rows) == 2 * 6 and {r["method"] for r in rows} == {"dora"}
+    layer = peft_model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    w0 = (
+        layer.base_layer.weight.double()
+    )  # DoRA's update from peft's tensors: (m / ||W0 + s B A||_row) (W0 + s B A) - W0
+    v = w0 + layer.get_delta_weight("default").double()
+    m = layer.lora_magnitude_vector["default"].weight.double()
+    delta = (m / v.norm(dim=1))[:, None] * v - w0
+    row = next(r for r in rows if r["module"] == "model.layers.0.self_attn.q_proj")
+    assert float(row["rel_norm"]) == pytest.approx(float(delta.norm() / w0.norm()), rel=1e-4)
+    assert list((tmp_path / "diag").glob("*.png"))
+    with pytest.raises(SystemExit):
+        main(["inspect", str(tmp_path / "base"), str(tmp_path / "base"), "--out", str(tmp_path / "x")])
+    assert "adapter_config.json is missing" in capsys.readouterr().err
