@@ -25,7 +25,7 @@ from .inject import (
     unmerge_adapters,
 )
 from .peft_format import PeftFormatError
-from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, Rule
+from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "PeftFormatError",
     "Plan",
     "PolicyError",
+    "PolicyWarning",
     "Rule",
     "UpdateDiagnostics",
     "__version__",

@@ -2,9 +2,9 @@
 
     lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
-    lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
-    lightning-peft export --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --out DIR
-                                                              # a peft adapter folder (or --format merged)
+    lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
+    lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
+    lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -29,6 +29,7 @@ from .export import ExportError
 from .inject import AdapterStateError
 from .peft_format import PeftFormatError
 from .policy import PolicyError
+from .schema import register_jsonargparse_loader
 
 
 class PeftTrainer(pl.Trainer):
@@ -84,6 +85,12 @@ class PeftCLI(LightningCLI):
             {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`."},
         )
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
+        # duplicate keys are errors (see `lightning_peft.schema`).
+        kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        return super().init_parser(**kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -193,8 +200,8 @@ def main(args: list[str] | None = None) -> None:
 
         try:
             CLI(report if argv[0] == "report" else inspect, args=argv[1:])
-        except (ExportError, PeftFormatError, AdapterStateError) as err:
-            print(f"lightning-peft: error: {err}", file=sys.stderr)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
+            print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
     try:

@@ -647,22 +647,6 @@ __all__ = [
 # -- from a finished run's checkpoint -------------------------------------------------------
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning `.ckpt` loaded with `weights_only=True` (tensors and plain data only, never code)."""
-    import pickle
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"Checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        raise ExportError(f"{path}: cannot be read with weights_only=True ({str(err).splitlines()[0]})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ExportError(f"{path}: not a Lightning checkpoint (no `state_dict`)")
-    return checkpoint
-
-
 def export_checkpoint(
     model: nn.Module, ckpt_path: str | Path, out: str | Path, *, format: str = "peft", **options: Any
 ) -> ExportReport | Path:
@@ -677,8 +661,7 @@ def export_checkpoint(
     if format not in ("peft", "merged"):
         raise ExportError(f"format must be 'peft' or 'merged', got {format!r}")
     check_target(out, bool(options.get("overwrite", False)))
-    checkpoint = read_checkpoint(ckpt_path)
-    restore_from_checkpoint(model, checkpoint)
+    restore_from_checkpoint(model, ckpt_path)  # weights_only=True; the stored plan and tensors are checked
     if format == "merged":
         return export_merged(model, out, **options)
     return export_peft(model, out, **options)

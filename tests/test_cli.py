@@ -82,9 +82,13 @@ def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/uuid_hybrid.yaml", "--print_config"])
     assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["adapters"]["policy"] == "mora_outer_dora_inner"  # a preset name
+    with pytest.raises(SystemExit):
+        policy = "lightning_peft/presets/mora_outer_dora_inner.yaml"
+        main(["fit", "--config", "configs/uuid_hybrid.yaml", "--adapters.policy", policy, "--print_config"])
     printed = capsys.readouterr().out
     first = yaml.safe_load(printed)
-    # the policy file is inlined, so a printed/saved config records the policy itself
+    # a policy file is inlined, so a printed/saved config records the policy itself
     assert [r["name"] for r in first["adapters"]["policy"]["rules"]] == ["mora-outer", "dora-inner"]
     assert first["model"]["class_path"] == "lightning_peft.tasks.CausalLM"
     path = tmp_path / "printed.yaml"
