@@ -39,10 +39,11 @@ from .inject import find_adapters, get_plan, inject_adapters, load_adapter_state
 from .names import prefix_hint
 from .peft_format import (
     PEFT_TENSOR_NAMES,
+    PEFT_TYPES,
     PeftFormatError,
     PeftLayer,
+    adapter_config,
     group_layers,
-    lora_config,
     peft_state_dict,
     read_peft_layers,
     write_adapter,
@@ -199,12 +200,13 @@ def _peft_layer(name: str, row: PlanRow, layer: AdapterLinear) -> PeftLayer:
     return PeftLayer(
         name=name,
         r=int(hp["r"]),
-        alpha=float(hp["alpha"]),
+        alpha=float(hp.get("alpha", hp["r"])),
         use_dora=row.method == "dora",
-        use_rslora=bool(hp["use_rslora"]),
-        dropout=float(hp["dropout"]),
+        use_rslora=bool(hp.get("use_rslora", False)),
+        dropout=float(hp.get("dropout", 0.0)),
         fan_in_fan_out=row.layer_type != "Linear",
         tensors={names[k]: v for k, v in state.items()},
+        peft_type=PEFT_TYPES[row.method],
     )
 
 
@@ -264,7 +266,7 @@ def export_peft(
     save_base: bool = False,
     overwrite: bool = False,
 ) -> ExportReport:
-    """Write the model's adapters as HF peft LoRA/DoRA adapter folder(s); see the module docstring.
+    """Write the model's adapters as HF peft adapter folder(s) (LoRA/DoRA, or HiRA); see the module docstring.
 
     One flag set (use_dora, use_rslora, dropout, Conv1D) gives one adapter at `out` itself:
     `PeftModel.from_pretrained(base, out)` loads it. Several give one subfolder each, loaded
@@ -284,6 +286,7 @@ def export_peft(
     prefix, hf = resolve_submodule(model, submodule)
     rows = _strip_prefix(plan.rows, prefix)
     chosen = _routes_for(rows, routes, (svd_rank, svd_energy))
+    _check_one_peft_type(rows, chosen)
     check_target(out, overwrite)
     layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
     peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]
@@ -304,12 +307,27 @@ def export_peft(
     with staged_folder(Path(out), overwrite) as tmp:
         for name, group in groups.items():
             folder = tmp if len(groups) == 1 else tmp / name
-            write_adapter(folder, lora_config(group, all_names, source), peft_state_dict(group))
+            write_adapter(folder, adapter_config(group, all_names, source), peft_state_dict(group))
             report.adapters["." if len(groups) == 1 else name] = [x.name for x in group]
-        if work is not None:
+        write_base = save_base or "fold" in chosen.values()  # `svd` alone leaves the base as it was
+        if write_base:
+            assert work is not None
             _save_pretrained(work, tmp / BASE_DIR)
-        _write_manifest(tmp, report, base=work is not None)
+        _write_manifest(tmp, report, base=write_base)
     return report
+
+
+def _check_one_peft_type(rows: dict[str, PlanRow], chosen: dict[str, str]) -> None:
+    """One `PeftModel` holds one tuner type: HiRA and LoRA/DoRA adapters cannot be loaded together."""
+    types: dict[str, list[str]] = {}
+    for name, route in chosen.items():
+        if route in ("peft", "svd"):  # `svd` writes LoRA
+            types.setdefault(PEFT_TYPES[rows[name].method] if route == "peft" else "LORA", []).append(rows[name].name)
+    if len(types) > 1:
+        raise ExportError(
+            f"peft loads one adapter type per model, and this plan needs HiRA ({types['HIRA'][:3]}) beside "
+            "LoRA/DoRA; choose routes={'hira': 'svd'} (HiRA as LoRA) or {'hira': 'fold'} (into the saved base)"
+        )
 
 
 def _write_manifest(folder: Path, report: ExportReport, base: bool) -> None:

@@ -31,7 +31,9 @@ PEFT_KEY_PREFIX = "base_model.model."
 PEFT_TENSOR_NAMES: dict[str, dict[str, str]] = {
     "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
     "dora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
+    "hira": {"hira_A": "hira_A", "hira_B": "hira_B"},  # peft's HiRA tuner (`HiraConfig`, W0 ⊙ BA)
 }
+PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "hira": "HIRA"}
 # LoraConfig fields whose non-default values change the math or the targets in ways our layers
 # do not reproduce: importing an adapter that sets one is an error naming the field.
 UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
@@ -66,16 +68,18 @@ class PeftLayer:
     dropout: float
     fan_in_fan_out: bool
     tensors: dict[str, Tensor] = field(default_factory=dict)  # peft key suffix -> tensor
+    peft_type: str = "LORA"
 
-    def group_key(self) -> tuple[bool, bool, float, bool]:
-        """The flags one `LoraConfig` can hold only once."""
-        return (self.use_dora, self.use_rslora, self.dropout, self.fan_in_fan_out)
+    def group_key(self) -> tuple[str, bool, bool, float, bool, int | None]:
+        """The flags one peft config can hold only once (HiRA: also the rank, its rank_pattern is not honoured)."""
+        rank = self.r if self.peft_type == "HIRA" else None
+        return (self.peft_type, self.use_dora, self.use_rslora, self.dropout, self.fan_in_fan_out, rank)
 
 
-def group_name(key: tuple[bool, bool, float, bool]) -> str:
-    """A readable adapter name for one group of flags, e.g. `dora`, `lora_rslora`, `lora_dropout0.1`."""
-    use_dora, use_rslora, dropout, fan_in_fan_out = key
-    name = "dora" if use_dora else "lora"
+def group_name(key: tuple[str, bool, bool, float, bool, int | None]) -> str:
+    """A readable adapter name for one group of flags, e.g. `dora`, `lora_rslora`, `lora_dropout0.1`, `hira_r8`."""
+    peft_type, use_dora, use_rslora, dropout, fan_in_fan_out, rank = key
+    name = f"hira_r{rank}" if peft_type == "HIRA" else "dora" if use_dora else "lora"
     name += "_rslora" if use_rslora else ""
     name += f"_dropout{dropout:g}" if dropout else ""
     return name + ("_conv1d" if fan_in_fan_out else "")
@@ -104,11 +108,40 @@ def _target_modules(names: list[str], all_module_names: Iterable[str]) -> list[s
     return list(names)
 
 
+def hira_config(
+    layers: list[PeftLayer], all_module_names: Iterable[str], base_model_name_or_path: str | None
+) -> dict[str, Any]:
+    """The `adapter_config.json` of one HiRA group (one rank: peft 0.21 does not apply HiRA's rank_pattern)."""
+    return {
+        "peft_type": "HIRA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "r": layers[0].r,
+        "hira_dropout": layers[0].dropout,
+        "fan_in_fan_out": layers[0].fan_in_fan_out,
+        "init_weights": True,
+        "target_modules": _target_modules([x.name for x in layers], all_module_names),
+        "rank_pattern": {},
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def adapter_config(
+    layers: list[PeftLayer], all_module_names: Iterable[str], base_model_name_or_path: str | None
+) -> dict[str, Any]:
+    """The `adapter_config.json` mapping of one group, for its peft type."""
+    build = hira_config if layers[0].peft_type == "HIRA" else lora_config
+    return build(layers, all_module_names, base_model_name_or_path)
+
+
 def lora_config(
     layers: list[PeftLayer], all_module_names: Iterable[str], base_model_name_or_path: str | None
 ) -> dict[str, Any]:
     """The `adapter_config.json` mapping of one group (all layers share `group_key()`)."""
-    use_dora, use_rslora, dropout, fan_in_fan_out = layers[0].group_key()
+    _, use_dora, use_rslora, dropout, fan_in_fan_out, _ = layers[0].group_key()
     r = _most_common([x.r for x in layers])
     alpha = _most_common([x.alpha for x in layers])
     return {

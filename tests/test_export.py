@@ -165,8 +165,10 @@ def test_mora_to_lora_at_full_rank_is_exact_to_rounding(tmp_path):
     for f in report.converted:
         assert f.rank == f.full_rank == 32 and f.rel_error < 1e-6 and f.energy == pytest.approx(1.0)
     assert report.max_logit_diff < 1e-5 * float(ours.abs().max())
+    assert not (tmp_path / "out" / "base").exists()
     peft_model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"), str(tmp_path / "out")
+        tiny_llama(0),
+        str(tmp_path / "out"),  # `svd` leaves the base as it was: none is written
     )
     assert rel_diff(model_out(peft_model.eval(), ids), ours) < RTOL
 
@@ -184,9 +186,7 @@ def test_svd_report_numbers_match_a_direct_computation(tmp_path):
         assert f.rel_error == pytest.approx(float(s[5:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-6)
         assert f.rel_error > 1e-3  # rank 5 of 32 loses something
     # The reported logit difference is what peft gives when it loads the converted adapter.
-    peft_model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"), str(tmp_path / "out")
-    )
+    peft_model = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "out"))
     direct = float((model_out(peft_model.eval(), ids) - ours).abs().max())
     assert report.max_logit_diff == pytest.approx(direct, rel=1e-3, abs=1e-6) and direct > 0
     # Per layer: this layer alone converted, by hand (a plain Linear holding W0 + B A in a copy).
@@ -438,3 +438,44 @@ def test_import_names_the_prefix_when_modules_are_missing(tmp_path):
     assert get_plan(module) is None
     with pytest.raises(ExportError, match="does not exist"):
         import_peft(module, folder, submodule="nope")
+
+
+# -- HiRA -----------------------------------------------------------------------------------------
+
+
+def test_hira_exports_to_peft_hira_adapters(tmp_path):
+    model = tiny_llama(0)
+    policy = {
+        "rules": [
+            {"method": "hira", "modules": ["q_proj", "v_proj"], "hparams": {"r": 4}},
+            {"method": "hira", "modules": ["down_proj"], "hparams": {"r": 2}},
+        ]
+    }
+    inject_adapters(model, policy)
+    randomize_adapters(model)
+    ids = tokens()
+    ours = model_out(model, ids)
+    report = export_peft(model, tmp_path / "hira")
+    assert set(report.adapters) == {"hira_r4", "hira_r2"}  # one HiraConfig per rank
+    assert json.loads((tmp_path / "hira" / "hira_r4" / "adapter_config.json").read_text())["peft_type"] == "HIRA"
+    assert rel_diff(model_out(load_peft_export(tiny_llama(0), tmp_path / "hira").eval(), ids), ours) < RTOL
+
+
+def test_hira_beside_lora_needs_a_route(tmp_path):
+    model = tiny_llama(0)
+    policy = {
+        "rules": [
+            {"method": "hira", "modules": ["q_proj"], "hparams": {"r": 4}},
+            {"method": "lora", "modules": ["v_proj"], "hparams": {"r": 4}},
+        ]
+    }
+    inject_adapters(model, policy)
+    randomize_adapters(model)
+    with pytest.raises(ExportError, match=r"one adapter type per model.*routes=\{'hira': 'svd'\}"):
+        export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    ids = tokens()
+    report = export_peft(model, tmp_path / "out", routes={"hira": "svd"}, svd_energy=1.0, probe=ids)
+    assert all(f.rel_error < 1e-6 for f in report.converted) and len(report.converted) == 6
+    peft_model = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "out")).eval()
+    assert rel_diff(model_out(peft_model, ids), model_out(model, ids)) < RTOL
