@@ -67,6 +67,7 @@ class PriorKnowledge(ABC):
 
     def capture(self, pl_module: pl.LightningModule) -> None:
         """Remember whatever the probe compares against (called once, on the untouched model)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -284,7 +285,7 @@ def drift_metrics(reference: Tensor, current: Tensor) -> dict[str, float]:
     from torchmetrics.functional import cosine_similarity, pairwise_cosine_similarity, spearman_corrcoef
 
     if reference.shape != current.shape or reference.ndim != 2 or reference.shape[0] < 3:
-        raise ValueError(f"need two (n >= 3, d) embedding matrices of one shape, got {reference.shape}, {current.shape}")
+        raise ValueError(f"need two (n >= 3, d) embeddings of one shape, got {reference.shape}, {current.shape}")
     ref, cur = reference.double(), current.double()
     rows, cols = torch.triu_indices(ref.shape[0], ref.shape[0], offset=1)
     sim_ref = pairwise_cosine_similarity(ref)[rows, cols]
