@@ -168,3 +168,14 @@ def test_missing_base_config_and_foreign_folders_are_refused(base_config, tmp_pa
 def test_pareto_front():
     points = [(10, 0.5), (20, 0.4), (20, 0.7), (5, 0.1), (40, 0.7), (50, 0.9)]
     assert pareto_front(points) == [3, 0, 2, 5]
+
+
+def test_a_checkpoint_folder_fixed_in_the_base_config_is_refused(base_config, tmp_path):
+    config = yaml.safe_load(base_config.read_text())
+    config["trainer"]["callbacks"].append(
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ck")}}
+    )
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(yaml.safe_dump(config))
+    with pytest.raises(CompareError, match="fixed dirpath"):
+        run_comparison(shared, [{"name": "a", "policy": LORA}], tmp_path / "out")
