@@ -5,6 +5,7 @@
     lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
     lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
     lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
+    lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -107,7 +108,8 @@ class PeftCLI(LightningCLI):
         )
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`."},
+            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
+            "`lightning-peft compare --config COMPARISON`."},
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
@@ -242,6 +244,10 @@ def main(args: list[str] | None = None) -> None:
             print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
+    if argv and argv[0] == "compare":
+        from .compare import compare_main
+
+        sys.exit(compare_main(argv[1:]))
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
     except (PolicyError, AdapterStateError, ExportError, PeftFormatError) as err:  # a message, not a traceback
