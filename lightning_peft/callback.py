@@ -1,20 +1,33 @@
 """`AdapterCallback`: inject a policy's adapters into an unmodified LightningModule.
 
-Where it acts, and why (reference/lightning.md §1, verified on Lightning 2.6):
+It works through Lightning's public hooks only and never replaces a method of the user's
+module. Where it acts, and why (Lightning 2.6 hook order; see docs/policies.md):
 
 - `setup` (every stage) runs before `configure_optimizers`, before the DDP/FSDP wrap and
   before a checkpoint is restored, so the user's optimizer sees only trainable tensors,
-  DDP registers the adapters, and `ckpt_path=` finds adapter keys to load into. When the
-  targeted layers do not exist yet (built in `LightningModule.setup`/`configure_model`),
-  injection moves to right after the user's `configure_model`.
-- Checkpoints carry the plan under `checkpoint["lightning_peft"]`; with
-  `adapter_only_checkpoint` the `state_dict` keeps only trainable tensors (still resumable:
-  optimizer, loops and callbacks are untouched, and loading is non-strict).
-- Before any checkpoint weights are loaded, the stored plan and tensor shapes are compared
-  with the live model, so a checkpoint from another policy never loads silently.
+  DDP registers the adapters, and `ckpt_path=` finds adapter keys to load into.
+- Layers built in `LightningModule.configure_model` do not exist yet at `Callback.setup`,
+  and a callback has no hook after `configure_model`. The callback then calls
+  `configure_model()` itself, inside the same strategy and precision contexts Lightning
+  uses, and injects. Lightning requires that hook to be idempotent ("after the first time
+  the hook is called, subsequent calls to it should be a no-op"), so its own later call
+  changes nothing; Lightning's `WeightAveraging` callback builds layers the same way.
+- Checkpoints: `on_save_checkpoint` stores the plan under `checkpoint["lightning_peft"]`
+  (a fixed key, so `restore_from_checkpoint` finds it without a Trainer) and, with
+  `adapter_only_checkpoint`, keeps only trainable tensors (loading is then non-strict via
+  the public `LightningModule.strict_loading`).
+- Lightning loads a checkpoint's weights before any callback hook sees the checkpoint.
+  So that a checkpoint whose tensors do not fit never loads partly, the callback registers
+  a `load_state_dict` pre-hook on the module (torch's public
+  `Module.register_load_state_dict_pre_hook`, removed at teardown): it checks names and
+  shapes before a single tensor is copied. The stored plan (methods, hyper-parameters) is
+  compared in `on_load_checkpoint`, after the weights but before anything trains.
 - `on_fit_start` stops the run when a trainable parameter is in no optimizer param group
   (an optimizer built too early trains nothing), and drops frozen tensors from the param
   groups, so `AdamW(self.parameters())` ends up holding exactly the adapters.
+
+Crash-safe checkpoint files are a separate, explicit choice: pass
+`Trainer(plugins=[AtomicCheckpointIO()])` (the `lightning-peft` command does).
 """
 
 from __future__ import annotations
@@ -26,24 +39,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.hooks import RemovableHandle
 
-from .adapters.dora import DoRA
 from .inject import (
+    CHECKPOINT_KEY,
     AdapterStateError,
-    atomic_write,
+    check_checkpoint,
     find_adapters,
     get_plan,
     inject_adapters,
     merge_adapters,
+    remove_adapters,
     save_adapters,
     trainable_state_keys,
 )
 from .policy import LayerPolicy, Plan, PolicyError
-
-CHECKPOINT_KEY = "lightning_peft"
+from .stored import check_state, plan_from_stored, read_checkpoint
 
 
 def print_plan(plan: Plan) -> None:
@@ -54,67 +66,37 @@ def print_plan(plan: Plan) -> None:
     get_console().print(plan.summary())
 
 
-def check_checkpoint(pl_module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Raise if `checkpoint` does not fit the adapters injected into `pl_module`.
+def check_before_load(module: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """Raise if `state` lacks a trainable tensor of `module`, or holds one that does not fit (shape, dtype, NaN).
 
-    Checks the stored plan (same modules, methods, hyper-parameters) and that every
-    trainable tensor is present with the right shape: with non-strict loading a missing
-    key would otherwise keep its fresh random value silently.
+    The tensor half of `check_checkpoint`, for the `load_state_dict` pre-hook, which sees the
+    state dict but not the rest of the checkpoint.
     """
-    live = get_plan(pl_module)
-    if live is None:
+    if get_plan(module) is None:
         return
-    stored = checkpoint.get(CHECKPOINT_KEY)
-    if stored is not None:
-        stored_plan = Plan.from_dict(stored["plan"])
-        mismatch = _plan_mismatch(stored_plan, live)
-        if mismatch:
-            raise AdapterStateError(f"Checkpoint was written with a different adapter plan: {mismatch}")
-    state = checkpoint.get("state_dict", {})
-    live_state = pl_module.state_dict()
-    missing = sorted(k for k in trainable_state_keys(pl_module) if k not in state)
-    if missing:
-        raise AdapterStateError(
-            f"Checkpoint lacks {len(missing)} adapter tensor(s) the model needs, e.g. {missing[:4]}; "
-            "it was not written by a run with this policy"
-        )
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(live_state[k].shape)}"
-        for k in live_state
-        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(live_state[k].shape)
-    ]
-    if wrong:
-        raise AdapterStateError("Checkpoint tensor shapes do not fit the model: " + "; ".join(wrong[:6]))
+    required = trainable_state_keys(module)
+    check_state(state, module.state_dict(), source, required=required, scan=required & set(state))
 
 
-def _plan_mismatch(stored: Plan, live: Plan) -> str:
-    a = {name: (method, hp) for name, method, hp in stored.fingerprint()}
-    b = {name: (method, hp) for name, method, hp in live.fingerprint()}
-    problems = [f"{n}: only in checkpoint ({a[n][0]})" for n in sorted(set(a) - set(b))]
-    problems += [f"{n}: only in model ({b[n][0]})" for n in sorted(set(b) - set(a))]
-    problems += [
-        f"{n}: checkpoint {a[n][0]} {a[n][1]} vs model {b[n][0]} {b[n][1]}"
-        for n in sorted(set(a) & set(b))
-        if a[n] != b[n]
-    ]
-    return "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
+def build_layers_in_configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Call the module's own `configure_model` now, in the contexts Lightning calls it in.
 
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's `TorchCheckpointIO`, but local files are written next to the target and renamed.
-
-    Lightning stages a checkpoint in the system temp dir and moves it into place; across
-    filesystems that move is a copy, which a crash can leave half-written at the final path.
-    Here a crash during a save leaves the previous file intact, never a torn one.
+    Returns `False` when the module does not override the hook (nothing to build).
     """
+    if type(pl_module).configure_model is pl.LightningModule.configure_model:
+        return False
+    with (
+        trainer.strategy.tensor_init_context(),
+        trainer.strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        pl_module.configure_model()
+    return True
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote stores: Lightning's own path
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+def _checkpoint_source(trainer: pl.Trainer) -> str:
+    """How errors name the checkpoint being loaded (`trainer.ckpt_path` is set once loading starts)."""
+    return str(trainer.ckpt_path or "checkpoint")
 
 
 def first_non_finite(module: torch.nn.Module, grads: bool) -> str | None:
@@ -139,10 +121,10 @@ def missing_from_optimizers(pl_module: torch.nn.Module, optimizers: list[torch.o
 
 
 class AdapterCallback(Callback):
-    """Inject per-layer adapters following a policy; keep checkpoints small and safe.
+    """Inject per-layer adapters following a policy; keep checkpoints small and checked.
 
     Args:
-        policy: a `LayerPolicy`, a path to a policy YAML, or the same schema as a mapping.
+        policy: a `LayerPolicy`, a preset name, a path to a policy YAML, or the same schema as a mapping.
         adapter_only_checkpoint: keep only trainable tensors in `.ckpt` files (resumable).
         merge_at_end: merge all adapters into the base weights when `fit` ends.
         export_dir: if set, write `adapters.safetensors` + `plan.json` there when `fit` ends.
@@ -168,6 +150,7 @@ class AdapterCallback(Callback):
         self.export_dir = export_dir
         self.verbose = verbose
         self.plan: Plan | None = None
+        self._load_guard: RemovableHandle | None = None
 
     # -- injection -----------------------------------------------------------------------
 
@@ -183,41 +166,34 @@ class AdapterCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._warn_about_trainer(trainer)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it crash-safe
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         try:
             self.inject(pl_module)
         except PolicyError:
-            # The targeted layers (or the whole block stack, for depth rules) may only be built in
-            # `configure_model`: retry there; a policy that still does not fit raises the same error.
-            if not is_overridden("configure_model", pl_module):
+            # The targeted layers (or the block stack, for depth rules) may only be built in
+            # `configure_model`: build them now and retry; a policy that still does not fit raises.
+            if not build_layers_in_configure_model(trainer, pl_module):
                 raise
-            self._inject_after_configure_model(pl_module)
+            self.inject(pl_module)
         if self.adapter_only_checkpoint:
             pl_module.strict_loading = False
-        self._guard_checkpoint_loading(pl_module)
+        self._remove_load_guard()
 
-    def _inject_after_configure_model(self, pl_module: pl.LightningModule) -> None:
-        user_configure_model = pl_module.configure_model
+        def check_before_loading(module: torch.nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+            if prefix == "":  # a wrapper's load (FSDP) renames keys: `on_load_checkpoint` checks those
+                check_before_load(module, state, _checkpoint_source(trainer))
 
-        def configure_model_then_inject() -> None:  # a plain function: Lightning's is_overridden sees it
-            user_configure_model()
-            self.inject(pl_module)
+        self._load_guard = pl_module.register_load_state_dict_pre_hook(check_before_loading)
 
-        pl_module.configure_model = configure_model_then_inject
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_guard()
 
-    def _guard_checkpoint_loading(self, pl_module: pl.LightningModule) -> None:
-        """Validate checkpoints before Lightning loads their weights (module hook runs first)."""
-        if getattr(pl_module, "_lightning_peft_guarded", False):
-            return
-        user_hook = pl_module.on_load_checkpoint
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_load_guard()
 
-        def check_then_load(checkpoint: dict[str, Any]) -> None:
-            check_checkpoint(pl_module, checkpoint)
-            user_hook(checkpoint)
-
-        pl_module.on_load_checkpoint = check_then_load
-        pl_module._lightning_peft_guarded = True
+    def _remove_load_guard(self) -> None:
+        if self._load_guard is not None:
+            self._load_guard.remove()
+            self._load_guard = None
 
     def _warn_about_trainer(self, trainer: pl.Trainer) -> None:
         for cb in trainer.callbacks:
@@ -236,14 +212,15 @@ class AdapterCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refreshed = [
-            name
+            f"{name} ({layer.method})"
             for name, layer in find_adapters(pl_module)
-            if isinstance(layer.adapter, DoRA) and layer.adapter.refresh_if_base_changed(layer)
+            if layer.adapter.refresh_from_base(layer)
         ]
         if refreshed:
             rank_zero_info(
-                f"DoRA magnitudes of {len(refreshed)} module(s) re-initialised: their base weights changed after "
-                "injection (loaded in setup?), e.g. " + ", ".join(refreshed[:3])
+                f"Adapter state derived from base weights (e.g. DoRA magnitudes) re-initialised in {len(refreshed)} "
+                "module(s): their base weights changed after injection (loaded in setup?), e.g. "
+                + ", ".join(refreshed[:3])
             )
         missing = missing_from_optimizers(pl_module, trainer.optimizers)
         if missing:
@@ -297,18 +274,29 @@ class AdapterCallback(Callback):
             keep = trainable_state_keys(pl_module)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        check_checkpoint(pl_module, checkpoint, _checkpoint_source(trainer))
+
 
 def restore_from_checkpoint(model: torch.nn.Module, checkpoint: str | Path | dict[str, Any]) -> Plan:
     """Rebuild adapters from a checkpoint's stored plan and load its tensors, without a Trainer.
 
-    For `load_from_checkpoint`-style inference: build the bare module, then call this.
+    For `load_from_checkpoint`-style inference: build the bare module, then call this. A file
+    is read with `weights_only=True`; on any error the model is left as it was.
     """
+    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint)
     stored = checkpoint.get(CHECKPOINT_KEY)
-    if stored is None:
-        raise AdapterStateError("Checkpoint holds no lightning-peft plan (was AdapterCallback used?)")
-    plan = inject_adapters(model, Plan.from_dict(stored["plan"]))
-    check_checkpoint(model, checkpoint)
+    if not isinstance(stored, dict) or "plan" not in stored:
+        raise AdapterStateError(f"{source}: holds no lightning-peft plan (was AdapterCallback used?)")
+    plan = inject_adapters(model, plan_from_stored(stored["plan"], source))
+    try:
+        check_checkpoint(model, checkpoint, source)
+    except AdapterStateError:
+        remove_adapters(model)
+        raise
     model.load_state_dict(checkpoint["state_dict"], strict=not stored.get("adapter_only", False))
     return plan
