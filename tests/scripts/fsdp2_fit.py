@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import AdapterCallback
+from lightning_peft.diagnostics import UpdateDiagnostics
+from lightning_peft.sharding import full_state_dict
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -38,6 +40,7 @@ POLICIES = {
     "dora": policy("dora", "dora"),
     "mora_sharing": policy("mora", "mora", {"mora_type": "sharing"}),
     "mora_rope": policy("mora", "mora", {"mora_type": "rope"}),
+    "hira": policy("hira", "lora"),
     "hybrid": policy("mora", "dora"),
 }
 
@@ -55,8 +58,12 @@ class TinyLM(L.LightningModule):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             config = LlamaConfig(
-                vocab_size=32, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=32,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
             )
             self.model = LlamaForCausalLM(config)
 
@@ -81,28 +88,69 @@ class TinyLM(L.LightningModule):
 
     def configure_optimizers(self):
         # SGD, not Adam: Adam turns rounding-level gradient differences into full-size steps.
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+        # Momentum gives the optimizer a state that a resumed run must restore.
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+
+
+def trainer(out: Path, steps: int, callbacks: list, sharded_checkpoint: bool) -> L.Trainer:
+    strategy = ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=sharded_checkpoint
+    )
+    return L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=2,
+        max_steps=steps,
+        callbacks=callbacks,
+        default_root_dir=str(out),
+        logger=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def save_adapters(model: L.LightningModule, trainer: L.Trainer, path: Path) -> None:
+    state = full_state_dict(model, [k for k in model.state_dict() if ".adapter." in k])  # every rank gathers
+    if trainer.global_rank == 0:
+        torch.save({k: v.detach().clone() for k, v in state.items()}, path)
 
 
 def fit(name: str, out: Path) -> None:
+    """Train one policy for STEPS steps; rank zero writes the gathered adapters."""
     L.seed_everything(1)
-    trainer = L.Trainer(
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        accelerator="cpu", devices=2, max_steps=STEPS,
-        callbacks=[AdapterCallback(POLICIES[name], verbose=False)],
-        default_root_dir=str(out), logger=False, enable_progress_bar=False, use_distributed_sampler=False,
-        enable_model_summary=False, enable_checkpointing=False,
-    )
+    tr = trainer(out, STEPS, [AdapterCallback(POLICIES[name], verbose=False)], sharded_checkpoint=False)
     model = TinyLM(shard=True)
-    trainer.fit(model)
-    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()
-             if ".adapter." in k}
-    if trainer.global_rank == 0:
-        torch.save({k: v.detach().clone() for k, v in state.items()}, out / f"{name}.pt")
+    tr.fit(model)
+    save_adapters(model, tr, out / f"{name}.pt")
+
+
+def fit_and_resume(out: Path, sharded_checkpoint: bool) -> None:
+    """The hybrid policy with diagnostics: STEPS steps, a checkpoint, then a resumed run to 2 * STEPS."""
+    tag = "sharded" if sharded_checkpoint else "full"
+    L.seed_everything(1)
+    diagnostics = UpdateDiagnostics(every_n_steps=1, plots=False, track_grad_norm=True, log_dir=str(out / tag))
+    # Adapter-only files are gathered single files; a sharded checkpoint keeps every tensor.
+    adapters = AdapterCallback(POLICIES["hybrid"], verbose=False, adapter_only_checkpoint=not sharded_checkpoint)
+    tr = trainer(out, STEPS, [adapters, diagnostics], sharded_checkpoint)
+    model = TinyLM(shard=True)
+    tr.fit(model)
+    tr.save_checkpoint(out / f"{tag}.ckpt")
+    save_adapters(model, tr, out / f"{tag}_step{STEPS}.pt")
+    L.seed_everything(2)  # a resumed run must not depend on the seed: everything comes from the checkpoint
+    adapters = AdapterCallback(POLICIES["hybrid"], verbose=False, adapter_only_checkpoint=not sharded_checkpoint)
+    tr = trainer(out, 2 * STEPS, [adapters], sharded_checkpoint)
+    model = TinyLM(shard=True)
+    tr.fit(model, ckpt_path=out / f"{tag}.ckpt")
+    save_adapters(model, tr, out / f"{tag}_resumed.pt")
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     for name in json.loads(sys.argv[2]):
-        fit(name, out)
+        if name.startswith("resume_"):
+            fit_and_resume(out, sharded_checkpoint=name == "resume_sharded")
+        else:
+            fit(name, out)
