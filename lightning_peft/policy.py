@@ -584,7 +584,7 @@ class LayerPolicy:
         matches, pattern_hits = self._match_modules(model, blocks_path, selected)
         rows, unsupported = self._plan_rows(matches)
         self._check_every_rule_decides(matches, unsupported)
-        self._check_every_pattern_matches(pattern_hits, matches)
+        self._check_every_pattern_matches(pattern_hits, model, blocks_path)
         self._warn_overlaps(matches)
         if not rows:
             raise PolicyError(
@@ -726,14 +726,14 @@ class LayerPolicy:
                 why = f" (the {shadowed[i]} module(s) it matches are taken by earlier rules)" if shadowed[i] else ""
                 self._strict_or_warn(f"{rule.label(i)} matches no module{why}; check `modules`/`depth`")
 
-    def _check_every_pattern_matches(self, hits: list[set[str]], matches: list[_Match]) -> None:
+    def _check_every_pattern_matches(self, hits: list[set[str]], model: nn.Module, blocks_path: str | None) -> None:
         """A misspelled pattern next to a matching one must not leave half a rule silently unused."""
         for i, rule in enumerate(self.rules):
             dead = [p for p in rule.modules if p not in hits[i]]
             if not dead or not hits[i]:
                 continue  # a rule matching nothing at all is reported by _check_every_rule_decides
             self._strict_or_warn(
-                f"{rule.label(i)}: pattern {dead[0]!r} matches no module{_why_unmatched(dead[0], matches)} "
+                f"{rule.label(i)}: pattern {dead[0]!r} matches no module{_why_unmatched(dead[0], model, blocks_path)} "
                 "while its other patterns do" + (f" (also unmatched: {dead[1:]})" if len(dead) > 1 else "")
             )
 
@@ -758,12 +758,13 @@ class LayerPolicy:
             )
 
 
-def _why_unmatched(pattern: str, matches: list[_Match]) -> str:
+def _why_unmatched(pattern: str, model: nn.Module, blocks_path: str | None) -> str:
     """A hint for a dead pattern: it matches only outside the rule's depth, or a close name."""
-    outside = next((m.name for m in matches if pattern_matches(pattern, m.name)), None)
+    all_names = [normalise_name(n) for n, _ in model.named_modules() if n]
+    outside = next((n for n in all_names if pattern_matches(pattern, n)), None)
     if outside is not None:
         return f" inside the rule's depth selector (it matches {outside!r}, outside it)"
-    names = sorted({m.kind for m in matches} | {m.name.rpartition(".")[2] for m in matches})
+    names = sorted({_block_of(n, blocks_path)[1] for n in all_names} | {n.rpartition(".")[2] for n in all_names})
     close = difflib.get_close_matches(pattern, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
