@@ -30,7 +30,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from .adapters.dora import DoRA
 from .inject import (
     CHECKPOINT_KEY,
     AdapterStateError,
@@ -193,14 +192,15 @@ class AdapterCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refreshed = [
-            name
+            f"{name} ({layer.method})"
             for name, layer in find_adapters(pl_module)
-            if isinstance(layer.adapter, DoRA) and layer.adapter.refresh_if_base_changed(layer)
+            if layer.adapter.refresh_from_base(layer)
         ]
         if refreshed:
             rank_zero_info(
-                f"DoRA magnitudes of {len(refreshed)} module(s) re-initialised: their base weights changed after "
-                "injection (loaded in setup?), e.g. " + ", ".join(refreshed[:3])
+                f"Adapter state derived from base weights (e.g. DoRA magnitudes) re-initialised in {len(refreshed)} "
+                "module(s): their base weights changed after injection (loaded in setup?), e.g. "
+                + ", ".join(refreshed[:3])
             )
         missing = missing_from_optimizers(pl_module, trainer.optimizers)
         if missing:

@@ -692,7 +692,7 @@ class LayerPolicy:
                 adapter = get_adapter_class(rule.method)(in_f, out_f, **rule.hparams)
         except (ValueError, TypeError) as err:
             raise PolicyError(f"{where}: {err}") from None
-        params = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        params = adapter.num_trainable_parameters()
         if params > MAX_ADAPTER_TO_LAYER_PARAMS * in_f * out_f:
             raise PolicyError(
                 f"{where}: {rule.method} with {rule.hparams} has {params:,} trainable parameters, more than "

@@ -50,7 +50,7 @@ def blocks_by_method(plan: Plan) -> dict[str, set[int]]:
 def expected_params(method: str, in_f: int, out_f: int, hp: dict) -> int:
     """Independent parameter formulas (DESIGN §5; MoRA reference rounding rule)."""
     r = hp.get("r", 8)
-    if method == "lora":
+    if method in ("lora", "hira"):  # HiRA: A (r x in) and B (out x r), as LoRA
         return r * (in_f + out_f)
     if method == "dora":
         return r * (in_f + out_f) + out_f  # + magnitude vector
@@ -416,7 +416,7 @@ def _rule(**kw):
         (_rule(modules=["nothing_here"]), r"rule 0 \(my-rule\) matches no module"),
         (
             _rule(method="loar"),
-            r"rule 0 \(my-rule\): Unknown adapter method 'loar'; choose one of \['dora', 'lora', 'mora'\]",
+            r"rule 0 \(my-rule\): Unknown adapter method 'loar'; choose one of \['dora', 'hira', 'lora', 'mora'\]",
         ),
         (
             _rule(hparams={"rnak": 8}),
