@@ -378,6 +378,20 @@ def test_checkpoints_with_bad_tensors_are_refused_naming_path_and_tensor(checkpo
         assert _bit_identical(_state(victim), before) and get_plan(victim) is None
 
 
+def test_resume_from_a_checkpoint_with_nan_names_path_and_tensor(checkpoint_file, tmp_path):
+    ckpt = torch.load(checkpoint_file, weights_only=True)
+    key = "model." + KEY
+    path = tmp_path / "nan.ckpt"
+    torch.save(
+        dict(ckpt, state_dict={**ckpt["state_dict"], key: torch.full_like(ckpt["state_dict"][key], math.nan)}), path
+    )
+    module = CausalLMModule()
+    tr = trainer(tmp_path, max_steps=4, callbacks=[AdapterCallback(LORA_QV, verbose=False)])
+    with pytest.raises(AdapterStateError, match=re.escape(str(path)) + rf".*tensor '{re.escape(key)}' holds NaN/inf"):
+        tr.fit(module, train_dataloaders=token_loader(), ckpt_path=path)
+    assert module.train_losses == []
+
+
 # -- 4. never unpickle without weights_only=True ----------------------------------------------
 
 
