@@ -56,11 +56,15 @@ class StrictLoader(_SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
+            # Scalar keys compare by (tag, text) without being constructed twice; others by value.
+            if isinstance(key_node, yaml.ScalarNode):
+                key: Any = (key_node.tag, key_node.value)
+            else:
+                key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and key in seen:
-                line = key_node.start_mark.line + 1
-                first = seen[key].start_mark.line + 1
-                raise ConfigInputError(f"duplicate key {key!r} at line {line} (first at line {first})")
+                line, first = key_node.start_mark.line + 1, seen[key].start_mark.line + 1
+                shown = key[1] if isinstance(key_node, yaml.ScalarNode) else key
+                raise ConfigInputError(f"duplicate key {shown!r} at line {line} (first at line {first})")
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
