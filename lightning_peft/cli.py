@@ -18,12 +18,13 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callback import AdapterCallback, print_plan
 from .diagnostics import UpdateDiagnostics
 from .inject import AdapterStateError
-from .policy import PolicyError
+from .policy import LayerPolicy, PolicyError
 from .schema import register_jsonargparse_loader
 
 
@@ -52,6 +53,8 @@ class PeftCLI(LightningCLI):
         # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
         # duplicate keys are errors (see `lightning_peft.schema`).
         kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        # A `LayerPolicy` object (given in Python) is saved in config.yaml as its mapping, which reloads.
+        register_type(LayerPolicy, serializer=LayerPolicy.to_dict, deserializer=LayerPolicy.load)
         return super().init_parser(**kwargs)
 
     @staticmethod

@@ -637,3 +637,20 @@ def test_readme_report_example_is_where_the_configs_write():
     config = yaml.safe_load((REPO / "configs" / "uuid_hybrid.yaml").read_text())
     args = config["trainer"]["logger"]["init_args"]
     assert example.startswith(f"{args['save_dir']}/{args['name']}/version_")
+
+
+def test_a_policy_object_is_saved_in_the_cli_config_as_its_mapping(monkeypatch):
+    """A LayerPolicy given in Python used to be dumped as 'Unable to serialize instance ...'."""
+    import yaml
+
+    from lightning_peft.cli import PeftCLI
+
+    monkeypatch.chdir(REPO)
+    config = yaml.safe_load((REPO / "configs" / "uuid_hybrid.yaml").read_text())
+    policy = LayerPolicy(rules=[Rule("lora", ["q_proj"], depth={"indices": ["2:4"]}, hparams={"r": 4}, name="x")])
+    config["adapters"]["policy"] = policy
+    config["trainer"].update(logger=False, callbacks=[])
+    cli = PeftCLI(args=config, run=False)
+    dumped = yaml.safe_load(cli.parser.dump(cli.config))["adapters"]["policy"]
+    assert dumped["rules"][0]["depth"] == {"indices": ["2:4"]}
+    assert LayerPolicy.load(dumped).to_dict() == policy.to_dict()
