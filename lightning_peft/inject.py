@@ -42,7 +42,6 @@ from .stored import (
 PLAN_ATTR = "_lightning_peft_plan"
 _FLAGS_ATTR = "_lightning_peft_requires_grad"
 CHECKPOINT_KEY = "lightning_peft"
-__all__ = ["ADAPTER_FILE", "PLAN_FILE", "AdapterStateError"]  # re-exported: their home is `stored`
 
 
 def get_plan(model: nn.Module) -> Plan | None:

@@ -259,21 +259,18 @@ def check_method_hparams(method: str, hparams: dict[str, Any]) -> None:
         return
     try:
         cls = get_adapter_class(method)
-        if not set(hparams) <= _hparam_names(cls):
-            check_hyperparameters(method, hparams)  # raises, naming the unknown ones
     except ValueError as err:
-        raise PolicyError(f"{err}" + (" (or 'none'/'full')" if method not in _registered() else "")) from None
+        raise PolicyError(f"{err} (or 'none'/'full')") from None
+    if not set(hparams) <= _hparam_names(cls):
+        try:
+            check_hyperparameters(method, hparams)  # raises, naming the unknown ones and the valid ones
+        except ValueError as err:
+            raise PolicyError(str(err)) from None
     types = _init_types(cls)
     for key, value in hparams.items():
         error = type_error(value, types.get(key, Any))
         if error is not None:
             raise PolicyError(f"hyper-parameter `{key}` of {method} {error}")
-
-
-def _registered() -> list[str]:
-    from .adapters.base import ADAPTERS
-
-    return list(ADAPTERS)
 
 
 @functools.cache
