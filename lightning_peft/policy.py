@@ -215,8 +215,8 @@ class Rule:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.modules, str):
-            self.modules = [self.modules]
+        if isinstance(self.modules, str | tuple):
+            self.modules = [self.modules] if isinstance(self.modules, str) else list(self.modules)
         self.depth = DepthSelector.from_value(self.depth)
         self.hparams = {} if self.hparams is None else self.hparams
         check_fields(self)
@@ -687,7 +687,7 @@ class LayerPolicy:
         try:
             with torch.device("meta"):
                 adapter = get_adapter_class(rule.method)(in_f, out_f, **rule.hparams)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RuntimeError, OverflowError) as err:  # torch refuses absurd sizes too
             raise PolicyError(f"{where}: {err}") from None
         params = adapter.num_trainable_parameters()
         if params > MAX_ADAPTER_TO_LAYER_PARAMS * in_f * out_f:
