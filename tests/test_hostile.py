@@ -40,7 +40,7 @@ from lightning_peft import (
     save_adapters,
 )
 from lightning_peft.adapters.base import ADAPTERS, AdapterMethod, register_adapter
-from lightning_peft.callback import AtomicCheckpointIO
+from lightning_peft.checkpoint_io import AtomicCheckpointIO
 from lightning_peft.cli import main
 from lightning_peft.schema import MAX_NESTING
 
