@@ -1,7 +1,7 @@
 """Per-layer policies: which adapter method each module of a model gets.
 
 A `LayerPolicy` is an ordered list of `Rule`s; for every module the **first** rule whose
-`where` matches decides (README, "Policies"). `resolve(model)` is pure and cheap (it
+`where` matches decides (docs/policies.md). `resolve(model)` is pure and cheap (it
 reads module names and shapes only, so it works on the `meta` device) and returns a
 `Plan`: one row per targeted module. Every problem a policy can have is raised here,
 naming the rule, before anything is injected or trained.
