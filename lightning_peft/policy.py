@@ -536,7 +536,8 @@ class LayerPolicy:
         text = None if path.is_file() else preset_text(str(path))  # a preset name such as `mora_outer_dora_inner`
         source = f"preset {str(path)!r}" if text is not None else str(path)
         if text is None and not path.is_file():
-            raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()})")
+            hint = f"; the preset {path.stem!r} is named without a path" if path.stem in list_presets() else ""
+            raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()}){hint}")
         try:
             data = read_yaml_file(path) if text is None else load_yaml(text)
         except ConfigInputError as err:
