@@ -28,6 +28,7 @@ from types import MethodType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -37,7 +38,7 @@ from .diagnostics import UpdateDiagnostics
 from .export import ExportError
 from .inject import AdapterStateError
 from .peft_format import PeftFormatError
-from .policy import PolicyError
+from .policy import LayerPolicy, PolicyError
 from .schema import register_jsonargparse_loader
 
 OPTIMIZER_KEY = "optimizer"
@@ -108,8 +109,10 @@ class PeftCLI(LightningCLI):
         )
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
-            "`lightning-peft compare --config COMPARISON`."},
+            {
+                "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
+                "`lightning-peft compare --config COMPARISON`."
+            },
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
@@ -119,6 +122,8 @@ class PeftCLI(LightningCLI):
         # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
         # duplicate keys are errors (see `lightning_peft.schema`).
         kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        # A `LayerPolicy` object (given in Python) is saved in config.yaml as its mapping, which reloads.
+        register_type(LayerPolicy, serializer=LayerPolicy.to_dict, deserializer=LayerPolicy.load)
         return super().init_parser(**kwargs)
 
     @staticmethod
