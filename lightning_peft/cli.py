@@ -3,6 +3,9 @@
     lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
     lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
+    lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
+    lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
+    lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -19,9 +22,10 @@ Built on LightningCLI's public API only. Two defaults differ from a stock Lightn
 
 from __future__ import annotations
 
+import pickle
 import sys
 from types import MethodType
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
@@ -30,7 +34,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .callback import AdapterCallback, print_plan
 from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics
+from .export import ExportError
 from .inject import AdapterStateError
+from .peft_format import PeftFormatError
 from .policy import PolicyError
 from .schema import register_jsonargparse_loader
 
@@ -43,6 +49,39 @@ class PeftTrainer(pl.Trainer):
 
     def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         """Dry run: build the model, resolve the adapter policy, print the plan; train nothing."""
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        out: str,
+        datamodule: pl.LightningDataModule | None = None,
+        format: Literal["peft", "merged"] = "peft",
+        routes: dict[str, str] | None = None,
+        svd_rank: int | None = None,
+        svd_energy: float | None = None,
+        submodule: str | None = None,
+        save_base: bool = False,
+        overwrite: bool = False,
+        weights_only: bool | None = None,
+    ) -> None:
+        """Turn a finished run into a servable artifact: rebuild its adapters from a checkpoint, then export.
+
+        Args:
+            ckpt_path: the run's checkpoint (read with weights_only=True; its stored plan is injected).
+            out: target folder (written via a temporary folder next to it, then renamed).
+            format: `peft` (HF peft LoRA/DoRA adapter folder) or `merged` (transformers save_pretrained).
+            routes: for peft, per method, `fold` (into base weights saved in out/base) or `svd`
+                (convert to LoRA), e.g. `{mora: svd, full: fold}`; LoRA and DoRA need none.
+            svd_rank: rank of the `svd` route.
+            svd_energy: or the share of each update's squared Frobenius norm to keep, in (0, 1].
+            submodule: attribute path of the Hugging Face model inside the LightningModule (default: its
+                single PreTrainedModel child, e.g. `model`).
+            save_base: also write the base model to out/base (for a base built from a config, not a hub).
+            overwrite: replace a non-empty `out`.
+            weights_only: accepted so a run's saved config.yaml parses; checkpoints are always read with
+                weights_only=True (False is refused).
+        """
 
 
 def lazy_configure_optimizers(optimizer_init: dict[str, Any], lr_scheduler_init: dict[str, Any] | None) -> Any:
@@ -69,7 +108,8 @@ class PeftCLI(LightningCLI):
         )
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`."},
+            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
+            "`lightning-peft compare --config COMPARISON`."},
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
@@ -85,6 +125,7 @@ class PeftCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
         commands["plan"] = {"model", "datamodule"}
+        commands["export"] = {"model", "datamodule"}
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -119,6 +160,26 @@ class PeftCLI(LightningCLI):
     def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         print_plan(self.section["adapters"].policy.resolve(model))
 
+    def export(self, model: pl.LightningModule, datamodule: Any = None, **options: Any) -> None:
+        from rich import get_console
+
+        from .export import export_checkpoint
+
+        if options.pop("weights_only") is False:
+            raise ExportError("export reads checkpoints with weights_only=True only; --weights_only false is refused")
+        fmt = options.pop("format")
+        ckpt_path, out = options.pop("ckpt_path"), options.pop("out")
+        if fmt == "merged":
+            extra = sorted(k for k in ("routes", "svd_rank", "svd_energy") if options[k] is not None)
+            if extra or options["save_base"]:
+                raise ExportError(f"--format merged folds every adapter; {extra or ['save_base']} apply to peft only")
+            options = {k: options[k] for k in ("submodule", "overwrite")}
+        result = export_checkpoint(model, ckpt_path, out, format=fmt, **options)
+        console = get_console()
+        if fmt == "peft" and result.converted:
+            console.print(result.table())
+        console.print(f"exported {ckpt_path} as {fmt} to {out}")
+
     def after_fit(self) -> None:
         """Print the final metrics (rank zero) so the main job ends with its numbers."""
         if not self.trainer.is_global_zero:
@@ -150,22 +211,53 @@ def report(log_dir: str) -> None:
     get_console().print(render_report(log_dir))
 
 
+def inspect(
+    adapter: str, base: str, out: str = "peft_diagnostics", auto_class: str | None = None, plots: bool = True
+) -> None:
+    """Per-layer diagnostics of a peft LoRA/DoRA adapter trained elsewhere (update norms, ranks, DoRA drift).
+
+    Args:
+        adapter: the peft adapter folder (adapter_config.json + adapter_model.safetensors).
+        base: local folder of its base model (a transformers save_pretrained folder).
+        out: where update_diagnostics.csv and the figures go (`lightning-peft report OUT` re-renders them).
+        auto_class: transformers Auto class for the base (default: from the adapter's task_type).
+        plots: draw the PNG figures.
+    """
+    from rich import get_console
+
+    from .diagnostics import render_report
+    from .export import diagnose_peft
+
+    diagnose_peft(adapter, base, out, auto_class)
+    get_console().print(render_report(out, plots=plots))
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (`lightning-peft`)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "report":
+    if argv and argv[0] in ("report", "inspect"):
         from jsonargparse import auto_cli
 
         try:
-            auto_cli(report, args=argv[1:])
+            auto_cli(report if argv[0] == "report" else inspect, args=argv[1:])
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
-            print(f"lightning-peft report: error: {err}", file=sys.stderr)
+            print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
+    if argv and argv[0] == "compare":
+        from .compare import compare_main
+
+        sys.exit(compare_main(argv[1:]))
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
-    except (PolicyError, AdapterStateError) as err:  # bad policy / adapter state: a message, not a traceback
+    except (PolicyError, AdapterStateError, ExportError, PeftFormatError) as err:  # a message, not a traceback
         print(f"lightning-peft: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except pickle.UnpicklingError as err:  # LightningCLI reads --ckpt_path's hyper-parameters with weights_only=True
+        print(
+            f"lightning-peft: error: checkpoint refused by weights_only=True: {str(err).splitlines()[0]}",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
