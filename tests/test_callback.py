@@ -200,7 +200,8 @@ def test_checkpoint_from_other_policy_is_rejected_before_training(run6, tmp_path
     with pytest.raises(
         AdapterStateError,
         match=r"step=3.ckpt: stored state does not fit the model: "
-        r"missing \['model.model.layers.0.mlp.down_proj.adapter.lora_A', 'model.model.layers.0.mlp.down_proj.adapter.lora_B'",
+        r"missing \['model.model.layers.0.mlp.down_proj.adapter.lora_A', "
+        r"'model.model.layers.0.mlp.down_proj.adapter.lora_B'",
     ):
         tr.fit(module, train_dataloaders=token_loader(), ckpt_path=run6[True]["root"] / "step=3.ckpt")
     assert module.train_losses == []
