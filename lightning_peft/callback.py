@@ -157,7 +157,7 @@ class AdapterCallback(Callback):
 
     def __init__(
         self,
-        policy: LayerPolicy | str | dict[str, Any],
+        policy: str | dict | LayerPolicy,  # bare `dict` first: jsonargparse passes a mapping through unconverted
         adapter_only_checkpoint: bool = True,
         merge_at_end: bool = False,
         export_dir: str | None = None,
