@@ -479,3 +479,29 @@ def test_hira_beside_lora_needs_a_route(tmp_path):
     assert all(f.rel_error < 1e-6 for f in report.converted) and len(report.converted) == 6
     peft_model = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "out")).eval()
     assert rel_diff(model_out(peft_model, ids), model_out(model, ids)) < RTOL
+
+
+def test_gpt2_conv1d_layers_round_trip_through_peft(tmp_path):
+    from helpers import tiny_gpt2
+
+    model = tiny_gpt2(0)
+    policy = {
+        "rules": [
+            {"method": "lora", "modules": ["attn.c_attn"], "hparams": {"r": 4, "alpha": 8}},
+            {"method": "dora", "modules": ["mlp.c_fc"], "hparams": {"r": 2, "alpha": 4}},
+        ]
+    }
+    inject_adapters(model, policy)
+    randomize_adapters(model)
+    ids = tokens()
+    ours = model_out(model, ids)
+    report = export_peft(model, tmp_path / "gpt2")
+    assert set(report.adapters) == {"lora_conv1d", "dora_conv1d"}
+    config = json.loads((tmp_path / "gpt2" / "dora_conv1d" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_peft_export(tiny_gpt2(0), tmp_path / "gpt2").eval()
+    assert rel_diff(model_out(loaded, ids), ours) < RTOL
+    export_merged(model, tmp_path / "merged")
+    assert rel_diff(model_out(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids), ours) < RTOL
