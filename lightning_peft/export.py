@@ -1,6 +1,6 @@
 """Adapters that leave the tool: HF peft adapter folders, merged transformers checkpoints, peft import.
 
-    export_peft(model, "out/")     # LoRA/DoRA -> peft folder(s) (PeftModel.from_pretrained loads them)
+    export_peft(model, "out/")     # LoRA/DoRA (or HiRA) -> peft folder(s) (PeftModel.from_pretrained loads them)
     export_merged(model, "out/")   # one transformers `save_pretrained` folder, adapters folded in
     import_peft(model, "adapter/") # a peft LoRA/DoRA folder -> our layers (train on, diagnose)
 
@@ -118,6 +118,7 @@ def check_target(target: str | Path, overwrite: bool) -> Path:
 def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; rename it into place only if the block succeeds."""
     check_target(target, overwrite)
+    created = next((p for p in reversed(target.parents) if not p.exists()), None)  # outermost missing folder
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
@@ -132,6 +133,8 @@ def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+            if created is not None and not target.exists():  # a failed export leaves no new folders
+                shutil.rmtree(created, ignore_errors=True)
 
 
 # -- reports --------------------------------------------------------------------------------

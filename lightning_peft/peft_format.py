@@ -8,7 +8,8 @@ One `LoraConfig` holds one value of `use_dora`, `use_rslora`, `lora_dropout` and
 `rank_pattern` / `alpha_pattern` (regexes matched as `(.*\\.)?(<key>)$`, peft's
 `get_pattern_key`). A plan whose rows disagree on those flags therefore becomes several
 adapters with disjoint `target_modules`, which peft activates together
-(`base_model.set_adapter([...])`); see docs/export.md.
+(`base_model.set_adapter([...])`); see docs/export.md. HiRA goes to peft's HiRA tuner
+(`....hira_A`, `....hira_B`), one config per rank.
 
 This module knows names and layouts only; it never imports peft (an optional dependency).
 """

@@ -365,6 +365,9 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     with pytest.raises(OSError, match="disk full"):
         export_peft(model, target, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["keep.txt"]
+    with pytest.raises(OSError, match="disk full"):
+        export_peft(model, tmp_path / "new" / "deeper" / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the parent folders it made are gone too
     monkeypatch.undo()
     export_peft(model, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == [
