@@ -637,7 +637,12 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
     if not Path(base).is_dir():
         raise ExportError(f"base {str(base)!r} is not a local model folder")
     model = getattr(transformers, name).from_pretrained(str(base), local_files_only=True)
-    import_peft(model, adapter, submodule="")
+    try:
+        import_peft(model, adapter, submodule="")
+    except ExportError as err:
+        raise ExportError(
+            f"{err} The base was loaded as {name}; pass auto_class= naming the class it was trained on."
+        ) from None
     return write_snapshot(model, out)
 
 

@@ -52,6 +52,9 @@ UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
     "megatron_config": None,
 }
 
+# Initialisations that rewrite the base weights (peft's PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 
 class PeftFormatError(ValueError):
     """A peft adapter folder we cannot read, or a layer peft's format cannot hold."""
@@ -217,6 +220,13 @@ def read_peft_config(directory: str | Path) -> dict[str, Any]:
         value = config.get(key, default)
         if value not in (default, [], {}, None, False):
             raise PeftFormatError(f"{path}: `{key}: {value!r}` is not supported by lightning-peft's LoRA/DoRA layers")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        raise PeftFormatError(
+            f"{path}: `init_lora_weights: {init}` changes the base weights, so the adapter is relative to a "
+            "modified base; convert it to plain LoRA with peft first "
+            "(save_pretrained(path_initial_model_for_weight_conversion=...))"
+        )
     return config  # `layers_to_transform` & co. need no support: the adapted modules are read from the weights
 
 

@@ -508,3 +508,21 @@ def test_gpt2_conv1d_layers_round_trip_through_peft(tmp_path):
     assert rel_diff(model_out(loaded, ids), ours) < RTOL
     export_merged(model, tmp_path / "merged")
     assert rel_diff(model_out(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids), ours) < RTOL
+
+
+def test_peft_lora_options_we_do_not_reproduce_are_named_errors(tmp_path):
+    from lightning_peft.export import import_peft
+    from lightning_peft.peft_format import PeftFormatError
+
+    _, folder = peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for field, value, match in (
+        ("lora_bias", True, "lora_bias"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+        ("init_lora_weights", "pissa", "changes the base weights"),
+    ):
+        (folder / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        model = tiny_llama(0)
+        with pytest.raises(PeftFormatError, match=match):
+            import_peft(model, folder)
+        assert get_plan(model) is None

@@ -127,3 +127,7 @@ def test_inspect_reports_per_layer_diagnostics_of_a_peft_adapter(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["inspect", str(tmp_path / "base"), str(tmp_path / "base"), "--out", str(tmp_path / "x")])
     assert "adapter_config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # LlamaModel has no `model.` level: the names are off by a prefix
+        main(["inspect", str(tmp_path / "adapter"), str(tmp_path / "base"), "--auto_class", "AutoModel"])
+    err = capsys.readouterr().err
+    assert "extra prefix 'model.'" in err and "auto_class" in err
