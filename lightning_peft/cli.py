@@ -82,7 +82,10 @@ class PeftCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`."},
+            {
+                "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR` and "
+                "`lightning-peft inspect PEFT_ADAPTER BASE_MODEL` (diagnostics of a peft adapter)."
+            },
         )
         super().__init__(*args, **kwargs)
 
