@@ -2,6 +2,7 @@
 
 from .adapters import ADAPTERS, AdapterLinear, DoRA, LoRA, MoRA, register_adapter
 from .callback import AdapterCallback, restore_from_checkpoint
+from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics, render_report
 from .export import (
     ExportError,
@@ -34,6 +35,7 @@ __all__ = [
     "AdapterCallback",
     "AdapterLinear",
     "AdapterStateError",
+    "AtomicCheckpointIO",
     "DepthSelector",
     "DoRA",
     "ExportError",

@@ -5,31 +5,43 @@
     lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
     lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
     lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
+    lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
 
-Adapters are injected right after the model is instantiated, *before* LightningCLI builds
-its automatic optimizer (`optimizer:` in a config), which would otherwise hold no adapter
-parameters and train nothing (reference/lightning.md §4.5).
+Built on LightningCLI's public API only. Two defaults differ from a stock LightningCLI:
+
+- `trainer.plugins` defaults to `AtomicCheckpointIO` (crash-safe checkpoint files); it shows
+  in `--print_config` and a config's own `trainer.plugins` replaces it.
+- An `optimizer:` / `lr_scheduler:` section is built inside `configure_optimizers`, from the
+  parameters that are trainable then, i.e. after `AdapterCallback.setup` injected the
+  adapters. A stock LightningCLI builds it before `fit`, over the base weights alone, and
+  would train nothing (`AdapterCallback` stops such a run).
 """
 
 from __future__ import annotations
 
 import pickle
 import sys
+from types import MethodType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .callback import AdapterCallback, print_plan
+from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics
 from .export import ExportError
 from .inject import AdapterStateError
 from .peft_format import PeftFormatError
 from .policy import PolicyError
 from .schema import register_jsonargparse_loader
+
+OPTIMIZER_KEY = "optimizer"
+LR_SCHEDULER_KEY = "lr_scheduler"
 
 
 class PeftTrainer(pl.Trainer):
@@ -72,6 +84,17 @@ class PeftTrainer(pl.Trainer):
         """
 
 
+def lazy_configure_optimizers(optimizer_init: dict[str, Any], lr_scheduler_init: dict[str, Any] | None) -> Any:
+    """A `configure_optimizers` that builds the configured optimizer over the trainable parameters at call time."""
+
+    def configure_optimizers(module: pl.LightningModule) -> Any:
+        optimizer = instantiate_class([p for p in module.parameters() if p.requires_grad], optimizer_init)
+        scheduler = instantiate_class(optimizer, lr_scheduler_init) if lr_scheduler_init else None
+        return LightningCLI.configure_optimizers(module, optimizer, scheduler)
+
+    return configure_optimizers
+
+
 class PeftCLI(LightningCLI):
     """LightningCLI with forced `adapters`/`diagnostics` sections and a `plan` subcommand."""
 
@@ -81,12 +104,15 @@ class PeftCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault(
-            "parser_kwargs",
-            {
-                "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR` and "
-                "`lightning-peft inspect PEFT_ADAPTER BASE_MODEL` (diagnostics of a peft adapter)."
-            },
+            "trainer_defaults", {"plugins": {"class_path": f"lightning_peft.{AtomicCheckpointIO.__name__}"}}
         )
+        kwargs.setdefault(
+            "parser_kwargs",
+            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
+            "`lightning-peft compare --config COMPARISON`, `lightning-peft inspect PEFT_ADAPTER BASE_MODEL`."},
+        )
+        # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
+        kwargs["auto_configure_optimizers"] = False
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -105,23 +131,34 @@ class PeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AdapterCallback, "adapters")
         parser.add_lightning_class_args(UpdateDiagnostics, "diagnostics")
+        parser.add_optimizer_args(nested_key=OPTIMIZER_KEY)  # any torch optimizer, as in a stock LightningCLI
+        parser.add_lr_scheduler_args(nested_key=LR_SCHEDULER_KEY)
+
+    @property
+    def section(self) -> Any:
+        """The instantiated config of the running subcommand."""
+        return self.config_init.get(str(self.subcommand), self.config_init)
 
     def instantiate_classes(self) -> None:
-        # Same steps as LightningCLI.instantiate_classes, with injection before the optimizer.
         try:
-            self.config_init = self.parser.instantiate_classes(self.config)
+            super().instantiate_classes()
         except ValueError as err:  # e.g. a PolicyError raised while building `adapters`
             self.parser.error(str(err))  # jsonargparse's usage + message, exit code 2, before any training
-        self.datamodule = self._get(self.config_init, "data")
-        self.model = self._get(self.config_init, "model")
-        if self.subcommand not in ("plan", "export"):  # export injects the checkpoint's own plan
-            self._get(self.config_init, "adapters").inject(self.model)
-        self._add_configure_optimizers_method_to_model(self.subcommand)
-        self.trainer = self.instantiate_trainer()
+
+    def after_instantiate_classes(self) -> None:
+        optimizer_init = self.section.get(OPTIMIZER_KEY)
+        if not optimizer_init:
+            return
+        if type(self.model).configure_optimizers is not pl.LightningModule.configure_optimizers:
+            rank_zero_warn(
+                f"`{type(self.model).__name__}.configure_optimizers` is replaced by the config's `optimizer:` section"
+            )
+        scheduler_init = self.section.get(LR_SCHEDULER_KEY)
+        fn = lazy_configure_optimizers(optimizer_init.as_dict(), scheduler_init.as_dict() if scheduler_init else None)
+        self.model.configure_optimizers = MethodType(fn, self.model)  # as LightningCLI does for `optimizer:`
 
     def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
-        callback = self._get(self.config_init, "adapters")
-        print_plan(callback.policy.resolve(model))
+        print_plan(self.section["adapters"].policy.resolve(model))
 
     def export(self, model: pl.LightningModule, datamodule: Any = None, **options: Any) -> None:
         from rich import get_console
@@ -199,14 +236,18 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point (`lightning-peft`)."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in ("report", "inspect"):
-        from jsonargparse import CLI
+        from jsonargparse import auto_cli
 
         try:
-            CLI(report if argv[0] == "report" else inspect, args=argv[1:])
+            auto_cli(report if argv[0] == "report" else inspect, args=argv[1:])
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
             print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
+    if argv and argv[0] == "compare":
+        from .compare import compare_main
+
+        sys.exit(compare_main(argv[1:]))
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
     except (PolicyError, AdapterStateError, ExportError, PeftFormatError) as err:  # a message, not a traceback

@@ -237,3 +237,37 @@ def test_plain_lightning_cli_automatic_optimizer_is_caught(tmp_path):
     ]
     with pytest.raises(RuntimeError, match="no optimizer param group"):
         LightningCLI(args=args, save_config_kwargs={"overwrite": True})
+
+
+def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
+    """The crash-safe writer is the CLI's visible default for `trainer.plugins`, not a silent swap."""
+    from lightning_peft import AtomicCheckpointIO
+    from lightning_peft.cli import PeftCLI
+
+    cli = PeftCLI(args=["--config", "configs/uuid_lora.yaml", "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/uuid_lora.yaml", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["plugins"] == {
+        "class_path": "lightning_peft.AtomicCheckpointIO"
+    }
+    replaced = PeftCLI(
+        args=["--config", "configs/uuid_lora.yaml", "--trainer.plugins", "null", "--trainer.logger", "false"], run=False
+    )
+    assert not isinstance(replaced.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_without_a_logger_every_file_lands_under_default_root_dir(tmp_path, monkeypatch):
+    """`--trainer.logger false`: CSV, figures, config.yaml and checkpoints go to the config's
+    `default_root_dir`, nothing into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "uuid_lora.yaml"), "--adapters.policy", "lora_all"]
+        + ["--trainer.logger", "false", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+        + ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
+    )
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    root = "runs/uuid_lora/"
+    assert {root + "config.yaml", root + "update_diagnostics.csv", root + "updates_heatmap.png"} <= written
+    assert any(p.startswith(root + "checkpoints/") and p.endswith(".ckpt") for p in written)
+    assert all(p.startswith(root) for p in written), sorted(written)
