@@ -111,7 +111,7 @@ class PeftCLI(LightningCLI):
             "parser_kwargs",
             {
                 "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
-                "`lightning-peft compare --config COMPARISON`."
+                "`lightning-peft compare --config COMPARISON`, `lightning-peft inspect PEFT_ADAPTER BASE_MODEL`."
             },
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
