@@ -222,9 +222,12 @@ def _quiet_cli():
 
 
 def _policy_value(config: Any) -> Any:
+    """The parsed `adapters.policy` as a path or a plain mapping (jsonargparse's `__path__` notes dropped)."""
     value = config.get("adapters.policy") if hasattr(config, "get") else None
     if hasattr(value, "as_dict"):
-        value = {k: v for k, v in value.as_dict().items() if not k.startswith("__")}
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        value = {k: v for k, v in value.items() if not str(k).startswith("__")}
     return value
 
 
