@@ -573,6 +573,33 @@ def _gather(out_dir: Path, records: Sequence[VariantRecord]) -> None:
                                              "effective_rank", "r90"])  # fmt: skip
 
 
+def _plan_runs(
+    config: str | Path, variants: Sequence[Variant], out_dir: Path, seed: int | None, rerun: bool
+) -> list[tuple[Variant, str, VariantRecord | None]]:
+    """(variant, fingerprint, finished record or None) per variant; refuses folders compare did not write."""
+    plans = []
+    for variant in variants:
+        fp = fingerprint(config, variant, seed)
+        previous = _load_record(out_dir / variant.name)
+        done = not rerun and previous is not None and previous.status == "ok" and previous.fingerprint == fp
+        if not done:
+            _check_run_dir(out_dir / variant.name)
+        plans.append((variant, fp, previous if done else None))
+    return plans
+
+
+def _run_and_save(config: str | Path, variant: Variant, fp: str, out_dir: Path, seed: int | None) -> VariantRecord:
+    """Run one variant in a fresh folder (marked as compare's) and save its record, curves and depth summary."""
+    run_dir = out_dir / variant.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / MARKER_FILE).write_text(json.dumps(asdict(variant), default=str))
+    record, curves, depth = run_variant(config, variant, out_dir, seed)
+    record.fingerprint = fp
+    _save_run(run_dir, record, curves, depth)
+    return record
+
+
 def run_comparison(
     config: str | Path,
     variants: Sequence[Variant | Mapping[str, Any]],
@@ -613,30 +640,16 @@ def run_comparison(
     ready = validate_variants(config, variants)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plans = []
-    for variant in ready:
-        fp = fingerprint(config, variant, seed)
-        previous = _load_record(out_dir / variant.name)
-        done = not rerun and previous is not None and previous.status == "ok" and previous.fingerprint == fp
-        if not done:
-            _check_run_dir(out_dir / variant.name)
-        plans.append((variant, fp, previous if done else None))
+    plans = _plan_runs(config, ready, out_dir, seed, rerun)
     records: list[VariantRecord] = []
     for index, (variant, fp, previous) in enumerate(plans, 1):
         if previous is not None:
             records.append(previous)
             console.print(_summary_line(index, len(plans), previous, skipped=True))
             continue
-        run_dir = out_dir / variant.name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        (run_dir / MARKER_FILE).write_text(json.dumps(asdict(variant), default=str))
         console.rule(f"[{index}/{len(plans)}] {variant.name}")
-        record, curves, depth = run_variant(config, variant, out_dir, seed)
-        record.fingerprint = fp
-        _save_run(run_dir, record, curves, depth)
-        records.append(record)
-        console.print(_summary_line(index, len(plans), record))
+        records.append(_run_and_save(config, variant, fp, out_dir, seed))
+        console.print(_summary_line(index, len(plans), records[-1]))
         _gather(out_dir, records)
     _gather(out_dir, records)
     if table or figures:
