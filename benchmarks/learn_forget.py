@@ -4,7 +4,7 @@
     python benchmarks/learn_forget.py --task minilm --out runs/learn_forget_minilm
 
 For each method (full fine-tuning of the block layers, LoRA r=8, DoRA r=8, MoRA r=8, the
-hybrid MoRA-outer/DoRA-inner; all r=8 budgets as in `policies/`):
+hybrid MoRA-outer/DoRA-inner; all r=8 budgets as in the policy presets):
 
 1. learning-rate sweep on seed 0 over `--lrs`; the method's learning rate is the one with the
    largest *mean learning metric over all validations* (the area under its learning curve:

@@ -24,8 +24,8 @@ from lightning_peft.compare import (
 from lightning_peft.compare_figures import pareto_front
 
 REPO = Path(__file__).resolve().parent.parent
-LORA = str(REPO / "policies" / "lora_all.yaml")
-DORA = str(REPO / "policies" / "dora_all.yaml")
+LORA = "lora_all"  # preset names
+DORA = "dora_all"
 
 
 @pytest.fixture(scope="module")
