@@ -410,8 +410,10 @@ def run_variant(
 
     Returns the record, the per-validation curves and the per-(method, block) diagnostics
     summary. Any exception of the run (configuration or training) becomes a `failed` record;
-    Ctrl-C is re-raised.
+    Ctrl-C and SIGTERM stop the comparison (re-raised).
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from .cli import PeftCLI
 
     out_dir = Path(out_dir)
@@ -431,6 +433,8 @@ def run_variant(
     except (Exception, SystemExit) as err:
         if isinstance(recorder.exception, KeyboardInterrupt):
             raise KeyboardInterrupt from err
+        if isinstance(err, SIGTERMException) or isinstance(recorder.exception, SIGTERMException):
+            raise  # the comparison was asked to stop, not this variant
         err = recorder.exception or err
         status, error = "failed", f"{type(err).__name__}: {err}".strip()
         metrics = dict(recorder.curves[-1]) if recorder.curves else {}
