@@ -42,6 +42,7 @@ from .adapters.base import (
     layer_shape,
     supported_layer_types,
 )
+from .optim_groups import OptimSettings, as_optim_settings, check_rule_optim
 
 SPECIAL_METHODS = ("none", "full")
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "policies"
@@ -155,6 +156,8 @@ class Rule:
         depth: optional block selector.
         hparams: keyword arguments of the method, e.g. `{r: 8, alpha: 16}`.
         name: label used in plans and error messages (defaults to `rule <index>`).
+        optim: per-rule optimizer settings (`lr` or `lr_scale`, `weight_decay`,
+            `lora_plus_ratio`), applied as param groups at fit start (`optim_groups.py`).
     """
 
     method: str
@@ -162,6 +165,7 @@ class Rule:
     depth: DepthSelector | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    optim: OptimSettings | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.modules, str):
@@ -169,6 +173,7 @@ class Rule:
         if isinstance(self.depth, dict):
             self.depth = DepthSelector(**self.depth)
         self.hparams = dict(self.hparams or {})
+        self.optim = as_optim_settings(self.optim)
 
     def label(self, index: int) -> str:
         return f"rule {index} ({self.name})" if self.name else f"rule {index} ({self.method} on {self.modules})"
@@ -210,6 +215,7 @@ class PlanRow:
     hparams: dict[str, Any]
     params: int
     rule: int
+    optim: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -253,30 +259,36 @@ class Plan:
         from rich.table import Table
 
         table = Table(title=title, show_lines=False)
-        for col in ("block", "module", "method", "hyper-parameters", "params", "% of model"):
+        optim_col = any(r.optim for r in self.rows)
+        columns = ("block", "module", "method", "hyper-parameters", "params", "% of model")
+        columns = (*columns[:4], "optimizer", *columns[4:]) if optim_col else columns
+        for col in columns:
             table.add_column(
                 col, justify="right" if col in ("block", "params", "% of model") else "left", overflow="fold"
             )
         for r in self.rows:
             hp = ", ".join(f"{k}={v}" for k, v in sorted(r.hparams.items()))
+            optim = [OptimSettings(**r.optim).describe() or "-"] if optim_col else []
             table.add_row(
                 "-" if r.block is None else str(r.block),
                 r.kind,
                 r.method,
                 hp,
+                *optim,
                 f"{r.params:,}",
                 f"{100 * r.params / max(self.model_params, 1):.3f}",
             )
         table.add_section()
+        pad = [""] if optim_col else []
         for method, params in sorted(self.params_by_method().items()):
-            table.add_row(
-                "", f"total {method}", method, "", f"{params:,}", f"{100 * params / max(self.model_params, 1):.3f}"
-            )
+            share = f"{100 * params / max(self.model_params, 1):.3f}"
+            table.add_row("", f"total {method}", method, "", *pad, f"{params:,}", share)
         table.add_row(
             "",
             "total trainable",
             "",
             "",
+            *pad,
             f"{self.trainable_params:,}",
             f"{100 * self.trainable_params / max(self.model_params, 1):.3f}",
         )
@@ -364,7 +376,9 @@ def _check_rule_mappings(rules: Any, source: str) -> None:
             if raw.get("name")
             else f"rule {i} ({raw.get('method')} on {raw.get('modules')})"
         )
-        for keys, valid, where in ((raw, rule_keys, "rule"), (raw.get("depth"), depth_keys, "depth selector")):
+        optim_keys = [f.name for f in dataclasses.fields(OptimSettings)]
+        checks = ((raw, rule_keys, "rule"), (raw.get("depth"), depth_keys, "depth selector"))
+        for keys, valid, where in (*checks, (raw.get("optim"), optim_keys, "optim")):
             if not isinstance(keys, dict):
                 continue
             for key in sorted(set(keys) - set(valid)):
@@ -415,6 +429,7 @@ class LayerPolicy:
                 except ValueError as err:
                     raise PolicyError(f"{label}: {err} (or 'none'/'full')") from None
             _method_errors(rule, label)
+            check_rule_optim(rule.method, rule.optim, label)
         seen: dict[str, int] = {}
         for i, rule in enumerate(self.rules):
             key = json.dumps([rule.modules, dataclasses.asdict(rule.depth) if rule.depth else None], sort_keys=True)
@@ -475,6 +490,10 @@ class LayerPolicy:
         for rule in data["rules"]:
             if rule["depth"] is not None:
                 rule["depth"] = {k: v for k, v in rule["depth"].items() if v is not None}
+            if rule.get("optim") is not None:
+                rule["optim"] = {k: v for k, v in rule["optim"].items() if v is not None}
+            else:
+                rule.pop("optim", None)
         return data
 
     # -- resolution ----------------------------------------------------------------------
@@ -579,4 +598,6 @@ class LayerPolicy:
                     f"{rule.label(i)} matches no module{why}; check `modules`/`depth` or set strict: false"
                 )
         model_params = sum(p.numel() for p in model.parameters())
+        for row in rows:  # per-rule optimizer settings travel with the plan (table, JSON, checkpoints)
+            row.optim = self.rules[row.rule].optim.to_dict() if self.rules[row.rule].optim else {}
         return Plan(rows=rows, blocks_path=blocks_path, num_blocks=num_blocks, model_params=model_params)

@@ -87,6 +87,9 @@ class AdapterMethod(nn.Module, ABC):
     """
 
     method: ClassVar[str] = ""
+    # Optimizer role of each parameter, by attribute name (LoRA: `{"lora_A": "A", "lora_B": "B"}`).
+    # Per-rule optimizer settings use it without knowing the method (LoRA+'s rate for `B`).
+    parameter_roles: ClassVar[dict[str, str]] = {}
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()

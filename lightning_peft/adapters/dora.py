@@ -40,6 +40,7 @@ class DoRA(LowRankFactors):
     """
 
     method = "dora"
+    parameter_roles = {"lora_A": "A", "lora_B": "B", "magnitude": "magnitude"}
 
     def __init__(
         self,
