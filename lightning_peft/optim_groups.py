@@ -226,7 +226,7 @@ def split_param_groups(
         return None  # already split (the same optimizer object passed to a second fit)
     if type(optimizer).__name__ in SINGLE_GROUP_OPTIMIZERS:
         raise OptimizerRegroupError(
-            f"{where}: {type(optimizer).__name__} supports a single param group, so per-rule `optim` settings "
+            f"{where} supports a single param group, so per-rule `optim` settings "
             "cannot be applied; use another optimizer or drop the rules' `optim`"
         )
     groups: list[dict[str, Any]] = []
