@@ -3,6 +3,7 @@
     lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
     lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
+    lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -43,7 +44,8 @@ class PeftCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`."},
+            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
+            "`lightning-peft compare --config COMPARISON`."},
         )
         super().__init__(*args, **kwargs)
 
@@ -113,6 +115,10 @@ def main(args: list[str] | None = None) -> None:
 
         CLI(report, args=argv[1:])
         return
+    if argv and argv[0] == "compare":
+        from .compare import compare_main
+
+        sys.exit(compare_main(argv[1:]))
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
     except (PolicyError, AdapterStateError) as err:  # bad policy / adapter state: a message, not a traceback

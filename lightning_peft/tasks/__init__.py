@@ -8,6 +8,7 @@
 
 from .causal_lm import CausalLM, greedy_generate
 from .classification import SequenceClassification, mean_pool
+from .continual import UUIDContinualLM
 from .metrics import CharAccuracy, ExactMatch
 from .text_data import TOPIC_GROUPS, PydocTopics
 from .uuid_data import UUID_LENGTH, CharTokenizer, UUIDMemorization, make_uuid_pairs
@@ -21,6 +22,7 @@ __all__ = [
     "ExactMatch",
     "PydocTopics",
     "SequenceClassification",
+    "UUIDContinualLM",
     "UUIDMemorization",
     "greedy_generate",
     "make_uuid_pairs",
