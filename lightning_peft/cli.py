@@ -4,6 +4,8 @@
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
     lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
     lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
+    lightning-peft compare rank-search --config search.yaml   # the LoRA article's rank search (rank_search)
+    lightning-peft suggest --base CONFIG --settings.budget N  # a per-layer policy from a pilot run (suggest)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -115,6 +117,14 @@ def main(args: list[str] | None = None) -> None:
 
         CLI(report, args=argv[1:])
         return
+    if argv[:2] == ["compare", "rank-search"]:  # the LoRA article's rank search, a mode of compare
+        from .rank_search import rank_search_main
+
+        sys.exit(rank_search_main(argv[2:]))
+    if argv and argv[0] == "suggest":
+        from .suggest import suggest_main
+
+        sys.exit(suggest_main(argv[1:]))
     if argv and argv[0] == "compare":
         from .compare import compare_main
 

@@ -345,13 +345,17 @@ def draw_search(result: SearchResult, settings: SearchSettings, path: str | Path
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     sweep = [s for s in result.steps if s.phase == "rank"]
-    widen = [s for s in result.steps if s.phase == "widen" or s is result.chosen and s.phase == "rank"]
-    widen = sorted(widen, key=lambda s: s.phase != "rank")
-    panels = ((sweep, "rank", [s.rank for s in sweep]), (widen, f"target set (rank {result.rank})", None))
-    for i, (steps, xlabel, xs) in enumerate(panels):
+    base = [s for s in sweep if s.rank == result.rank]  # the sweep's kept rank: where widening starts
+    widen = base + [s for s in result.steps if s.phase == "widen"]
+    panels = (
+        (sweep, f"rank sweep on {sweep[0].targets}", "rank", [s.rank for s in sweep]),
+        (widen, f"widening at rank {result.rank}", "adapted matrices", None),
+    )
+    for i, (steps, title, xlabel, xs) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         positions = xs if xs is not None else list(range(len(steps)))
         ax.plot(positions, [s.metric for s in steps], "o-", color="tab:blue")
+        ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(settings.metric, color="tab:blue")
         if xs is not None:
@@ -360,13 +364,124 @@ def draw_search(result: SearchResult, settings: SearchSettings, path: str | Path
         else:
             ax.set_xticks(positions, [s.targets for s in steps])
         for s, x in zip(steps, positions, strict=True):
-            if s is result.chosen:
-                ax.axvline(x, color="tab:green", linestyle=":", label="chosen")
+            if s.rank == result.rank and (xs is not None or s is result.chosen):
+                ax.axvline(x, color="tab:green", linestyle=":")
         twin = ax.twinx()
         twin.plot(positions, [s.cost for s in steps], "s--", color="tab:orange")
         twin.set_ylabel(settings.cost_key, color="tab:orange")
         if settings.cost_limit is not None:
-            twin.axhline(settings.cost_limit, color="tab:red", linewidth=0.8, label="cost limit")
+            twin.axhline(settings.cost_limit, color="tab:red", linewidth=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+# -- running it through `compare` -----------------------------------------------------------------
+
+CHOSEN_POLICY = "chosen_policy.yaml"
+
+
+def check_targets(model: Any, settings: SearchSettings, keep: Sequence[dict]) -> Estimate:
+    """Resolve every target set on the model before anything runs; returns the parameter estimator.
+
+    Raises `RankSearchError` naming a target set that adapts no module or a policy that does not fit.
+    """
+    from .policy import LayerPolicy, PolicyError
+
+    def count(rank: int, target: TargetSet) -> int:
+        policy = search_policy(settings, rank, target, keep)
+        try:
+            plan = LayerPolicy.from_dict(policy, source=f"rank search step {target.name!r}").resolve(model)
+        except PolicyError as err:
+            raise RankSearchError(str(err)) from None
+        if not any(r.method == settings.method for r in plan.rows):
+            raise RankSearchError(
+                f"widening step {target.name!r} ({target.modules}) adapts no module of {type(model).__name__}"
+            )
+        return plan.trainable_params
+
+    for target in settings.targets:
+        count(settings.ranks[0], target)
+    return count
+
+
+def run_rank_search(
+    config: str | Path, settings: SearchSettings, out_dir: str | Path, seed: int | None = None, rerun: bool = False
+) -> SearchResult:
+    """The rank search with every step a `compare` variant in `out_dir` (resumable like any comparison).
+
+    Writes `rank_search.csv`, `rank_search.png`, `chosen_policy.yaml` and compare's own files.
+    """
+    import yaml
+
+    from .compare import Variant, run_comparison
+    from .experiment import build_model, carried_rules, load_config
+
+    cfg = load_config(config)
+    keep = carried_rules(cfg)
+    estimate = check_targets(build_model(cfg), settings, keep)
+    out = Path(out_dir)
+    variants: list[Variant] = []
+    policies: dict[str, dict] = {}
+
+    def evaluate(variant: SearchVariant) -> Any:
+        variants.append(Variant(variant.name, {"adapters.policy": variant.policy}))
+        policies[variant.name] = variant.policy
+        records = run_comparison(
+            config, variants, out, seed=seed, rerun=rerun, metric=settings.metric, figures=False, table=False
+        )
+        return records[-1]
+
+    result = rank_search(evaluate, settings, keep, estimate)
+    run_comparison(config, variants, out, seed=seed, metric=settings.metric)  # all finished: table and figures
+    write_search(result, settings, out)
+    (out / CHOSEN_POLICY).write_text(
+        f"# rank search in {out}: chosen {result.chosen.name} ({result.chosen.decision})\n"
+        + yaml.safe_dump(policies[result.chosen.name], sort_keys=False)
+    )
+    return result
+
+
+def rank_search_command(
+    base: str,
+    search: SearchSettings,
+    out_dir: str = "comparisons/rank_search",
+    seed: int | None = None,
+    rerun: bool = False,
+) -> SearchResult:
+    """The LoRA article's rank search (`lightning-peft compare rank-search --config search.yaml`).
+
+    Args:
+        base: the base `lightning-peft fit` config; its `none`/`full` rules are kept in every variant.
+        search: metric, ranks, widening steps, plateau, cost limit (see `SearchSettings`).
+        out_dir: where the variants, `comparison.csv`, `rank_search.csv/.png` and `chosen_policy.yaml` go.
+        seed: `seed_everything` for every variant.
+        rerun: run finished variants again.
+    """
+    from rich import get_console
+
+    result = run_rank_search(base, search, out_dir, seed=seed, rerun=rerun)
+    console = get_console()
+    console.print(search_table(result, search))
+    console.print(
+        f"chosen: {search.method} r={result.rank} on {result.targets} "
+        f"({search.metric} {result.chosen.metric:.4f}, {search.cost_key} {result.chosen.cost:,.6g}); "
+        f"policy in {Path(out_dir) / CHOSEN_POLICY}"
+    )
+    return result
+
+
+def rank_search_main(args: list[str]) -> int:
+    """`lightning-peft compare rank-search ...`: 0 done, 1 nothing could be kept or a run failed, 2 bad input."""
+    import sys
+
+    from jsonargparse import CLI
+
+    from .compare import CompareError
+
+    try:
+        CLI(rank_search_command, args=args)
+    except (RankSearchError, CompareError) as err:
+        print(f"lightning-peft compare rank-search: error: {err}", file=sys.stderr)
+        return 1 if str(err).startswith("no rank could be kept") else 2
+    return 0

@@ -440,6 +440,8 @@ class SuggestResult:
     budget: int
     decisions: list[Decision]
     rules: list[RuleChoice]
+    carried: list[dict[str, Any]] = field(default_factory=list)
+    carried_params: int = 0
 
     def methods(self) -> dict[str, str]:
         """module name -> method (`none` for frozen modules)."""
@@ -483,7 +485,8 @@ def suggest_from_evidence(
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    return SuggestResult(path, plan.trainable_params, settings.budget, decisions, rules)
+    carried_count = settings.budget - spare
+    return SuggestResult(path, plan.trainable_params, settings.budget, decisions, rules, list(carried), carried_count)
 
 
 def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) -> SuggestResult:
@@ -526,3 +529,113 @@ def pilot_overrides(settings: SuggestSettings, policy_path: Path, pilot_dir: Pat
         "diagnostics.log_dir": str(pilot_dir),
         "diagnostics.plots": False,
     }
+
+
+# -- handing the suggestion to `compare` ----------------------------------------------------------
+
+
+def uniform_policy(method: str, rank: int, settings: SuggestSettings, carried: Sequence[dict[str, Any]]) -> dict:
+    """One method at one rank on every pilot module, at that method's learning-rate scale (a baseline)."""
+    policy = pilot_policy(settings, carried)
+    rule = next(r for r in policy["rules"] if r.get("name") == "pilot")
+    hparams: dict[str, Any] = {"r": rank}
+    if "alpha" in hyperparameter_names(get_adapter_class(method)):
+        hparams["alpha"] = 2 * rank
+    rule.update(name=f"{method}-uniform", method=method, hparams=hparams)
+    rule["optim"] = {"lr_scale": settings.lr_scales.get(method, 1.0)}
+    return policy
+
+
+def uniform_rank(method: str, evidence: Sequence[ModuleEvidence], budget: int) -> int:
+    """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit)."""
+    cls = get_adapter_class(method)
+    alpha = "alpha" in hyperparameter_names(cls)
+
+    def cost(r: int) -> int:
+        hp = {"r": r, "alpha": 2 * r} if alpha else {"r": r}
+        return sum(cls.count_parameters(e.in_features, e.out_features, **hp) for e in evidence)
+
+    lo, hi = 0, max(min(e.in_features, e.out_features) for e in evidence)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
+def comparison_variants(
+    result: SuggestResult, settings: SuggestSettings, carried: Sequence[dict[str, Any]], spare: int
+) -> list[Any]:
+    """The suggested policy and the uniform baselines (LoRA, DoRA, the high-rank method) at the same budget."""
+    from .compare import Variant
+
+    evidence = [d.evidence for d in result.decisions]
+    variants = [Variant("suggested", {"adapters.policy": str(result.policy_path)})]
+    for method in dict.fromkeys(("lora", "dora", settings.high_rank_method)):
+        rank = uniform_rank(method, evidence, spare)
+        if rank > 0:
+            variants.append(
+                Variant(f"{method}-r{rank}", {"adapters.policy": uniform_policy(method, rank, settings, carried)})
+            )
+    return variants
+
+
+def rules_table(result: SuggestResult):
+    """A rich table of the suggested rules."""
+    from rich.table import Table
+
+    table = Table(title=f"suggested policy: {result.trainable_params:,} of {result.budget:,} trainable parameters")
+    for col in ("module kind", "blocks", "method", "r", "lr x", "params"):
+        table.add_column(col, justify="right" if col in ("r", "lr x", "params") else "left")
+    for c in result.rules:
+        blocks = ",".join(str(b) for b in c.blocks)
+        table.add_row(c.kind, blocks, c.method, str(c.rank), f"{c.lr_scale:g}", f"{c.params():,}")
+    frozen = [d.evidence for d in result.decisions if result.methods()[d.evidence.name] == "none"]
+    if frozen:
+        table.add_row(f"{len(frozen)} module(s) left frozen", "", "none", "", "", "0")
+    if result.carried_params:
+        table.add_row("carried rules", "", "", "", "", f"{result.carried_params:,}")
+    return table
+
+
+def suggest_command(
+    base: str, settings: SuggestSettings, out_dir: str = "suggestions", compare: bool = False, seed: int | None = None
+) -> SuggestResult:
+    """Suggest a per-layer policy from a pilot run (`lightning-peft suggest --base CONFIG --settings.budget N`).
+
+    Args:
+        base: the `lightning-peft fit` config of the task; its `none`/`full` rules are carried over.
+        settings: the budget, the pilot and the thresholds of the decision rule (`SuggestSettings`).
+        out_dir: where the pilot, `suggested_policy.yaml` and (with `compare`) the comparison go.
+        compare: run the suggestion against uniform LoRA, DoRA and the high-rank method at the same
+            budget with `lightning-peft compare` (in `out_dir/comparison`).
+        seed: `seed_everything` for the comparison's runs.
+    """
+    from rich import get_console
+
+    result = suggest(base, out_dir, settings)
+    console = get_console()
+    console.print(rules_table(result))
+    console.print(f"policy written to {result.policy_path} (its comments give the evidence for every rule)")
+    if compare:
+        from .compare import run_comparison
+
+        spare = settings.budget - result.carried_params
+        variants = comparison_variants(result, settings, result.carried, spare)
+        run_comparison(base, variants, Path(out_dir) / "comparison", seed=seed)
+    return result
+
+
+def suggest_main(args: list[str]) -> int:
+    """`lightning-peft suggest ...`: 0 done, 2 bad input (named before the pilot runs)."""
+    import sys
+
+    from jsonargparse import CLI
+
+    from .compare import CompareError
+
+    try:
+        CLI(suggest_command, args=args)
+    except (SuggestError, CompareError) as err:
+        print(f"lightning-peft suggest: error: {err}", file=sys.stderr)
+        return 2
+    return 0
