@@ -5,7 +5,7 @@
     lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
     lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
     lightning-peft compare rank-search --config search.yaml   # the LoRA article's rank search (rank_search)
-    lightning-peft suggest --base CONFIG --settings.budget N  # a per-layer policy from a pilot run (suggest)
+    lightning-peft suggest CONFIG --settings.budget N         # a per-layer policy from a pilot run (suggest)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.

@@ -600,7 +600,7 @@ def rules_table(result: SuggestResult):
 def suggest_command(
     base: str, settings: SuggestSettings, out_dir: str = "suggestions", compare: bool = False, seed: int | None = None
 ) -> SuggestResult:
-    """Suggest a per-layer policy from a pilot run (`lightning-peft suggest --base CONFIG --settings.budget N`).
+    """Suggest a per-layer policy from a pilot run (`lightning-peft suggest CONFIG --settings.budget N`).
 
     Args:
         base: the `lightning-peft fit` config of the task; its `none`/`full` rules are carried over.
