@@ -13,9 +13,13 @@ module follows that procedure:
    cost limit, stop at the first that does not.
 
 `rank_search(evaluate, ...)` takes any `evaluate(variant) -> record` (a `compare` run, or a
-synthetic curve in the tests) and returns every step with its decision. With the default
-`alpha=None` LoRA's `alpha` is fixed to the first rank tried, as in the article ("we simply
-set alpha to the first r we try and do not tune it").
+synthetic curve in the tests) and returns every step with its decision.
+
+One deliberate difference: the article fixes `alpha` to the first rank tried, so `alpha / r`
+shrinks as the rank grows and larger ranks train with smaller steps (rsLoRA, arXiv 2312.03732,
+shows this slows high ranks down). By default every rank here keeps `alpha = 2 r` (the ratio of
+the project's presets), so the sweep compares ranks, not step sizes; `alpha: <number>` restores
+the article's fixed alpha.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ class SearchSettings:
         cost_limit: a variant whose cost exceeds this is not kept (not even run, when the cost
             is the parameter count, which the plan knows before training).
         method: the adapter method searched (LoRA in the article).
-        alpha: fixed `alpha` for methods that take one; `None`: the first rank tried.
+        alpha: fixed `alpha` for methods that take one (the article's choice); `None`: `alpha = 2 r`.
         hparams: further hyper-parameters of the searched method (e.g. `dropout`).
     """
 
@@ -177,7 +181,7 @@ def search_policy(settings: SearchSettings, rank: int, targets: TargetSet, keep:
 
     hparams = dict(settings.hparams, r=rank)
     if "alpha" in hyperparameter_names(get_adapter_class(settings.method)):
-        hparams.setdefault("alpha", settings.alpha if settings.alpha is not None else settings.ranks[0])
+        hparams.setdefault("alpha", settings.alpha if settings.alpha is not None else 2 * rank)
     rule = {
         "name": f"{settings.method}-{targets.name}",
         "method": settings.method,

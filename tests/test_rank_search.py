@@ -138,7 +138,10 @@ def test_built_in_target_sets_pick_the_named_matrices(builder, step, kinds):
     adapted = [r for r in plan.rows if r.method == "lora"]
     assert {r.kind for r in adapted} == kinds
     assert {r.block for r in adapted} == set(range(6))
-    assert all(r.hparams == {"r": 4, "alpha": 2} for r in adapted)  # alpha fixed at the first rank
+    assert all(r.hparams == {"r": 4, "alpha": 8} for r in adapted)  # alpha / r = 2 at every rank
+    fixed = SearchSettings(metric="val_acc", ranks=[2, 4], widen=[step], alpha=2)  # the article's fixed alpha
+    rows = LayerPolicy.from_dict(search_policy(fixed, 4, fixed.targets[0])).resolve(builder()).rows
+    assert {r.hparams["alpha"] for r in rows} == {2}
     assert [r.name for r in plan.rows if r.method == "full"] == (["lm_head"] if keep else [])
 
 
