@@ -208,3 +208,35 @@ def test_without_settings_the_optimizer_is_untouched(tmp_path):
     tr.fit(module, train_dataloaders=token_loader())
     assert len(tr.optimizers[0].param_groups) == 1
     assert GROUP_TAG not in tr.optimizers[0].param_groups[0]
+
+
+def test_cli_yaml_settings_reach_the_automatic_optimizer_and_the_checkpoint(tmp_path):
+    """From a YAML config through `lightning-peft fit`, LightningCLI's own `optimizer:` included."""
+    from test_search_suggest_cli import TINY
+
+    from lightning_peft.cli import main
+
+    config = {**TINY, "trainer": {**TINY["trainer"], "enable_checkpointing": True, "default_root_dir": str(tmp_path)}}
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ck")}}
+    ]
+    config["adapters"] = {
+        "policy": {
+            "rules": [
+                {"name": "qv", "method": "lora", "modules": ["q_proj", "v_proj"], "optim": {"lr_scale": 3}},
+                {"name": "rest", "method": "lora", "modules": ["*"], "depth": {"fraction": [0.0, 1.0]}},
+            ]
+        }
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.5"])
+    (ckpt,) = (tmp_path / "ck").glob("*.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=False)
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    assert [(g.get(GROUP_TAG), g["lr"], len(g["params"])) for g in groups] == [
+        (None, 0.5, 2 * 5 * 2),
+        ("qv", 1.5, 2 * 2 * 2),
+    ]
+    rows = checkpoint["lightning_peft"]["plan"]["rows"]
+    assert {r["name"].split(".")[-1]: r["optim"] for r in rows}["q_proj"] == {"lr_scale": 3.0}
