@@ -255,21 +255,34 @@ def split_param_groups(
     return sources, factors
 
 
-def _remap_scheduler(scheduler: Any, sources: list[int], factors: list[float], n_old: int) -> None:
-    """Expand a scheduler's per-group lists to the new groups (lr lists scaled, others copied)."""
+# Per-param-group lists that torch's schedulers keep: learning rates are rescaled per new group,
+# the rest (lambdas, momenta) copied from the group a new group was split from.
+SCALED_LISTS = ("_last_lr", "min_lrs", "max_lrs")
+COPIED_LISTS = ("lr_lambdas", "base_momentums", "max_momentums")
+
+
+def _remap_scheduler(scheduler: Any, sources: list[int], factors: list[float], n_old: int, where: str) -> None:
+    """Expand a scheduler's per-group lists to the new groups (`base_lrs` from the groups, lr lists scaled)."""
     for nested in getattr(scheduler, "_schedulers", None) or []:  # SequentialLR, ChainedScheduler
-        _remap_scheduler(nested, sources, factors, n_old)
-    groups = scheduler.optimizer.param_groups if hasattr(scheduler, "optimizer") else None
+        _remap_scheduler(nested, sources, factors, n_old, where)
+    groups = scheduler.optimizer.param_groups
     for attr, value in list(vars(scheduler).items()):
-        if attr == "_schedulers" or not isinstance(value, list) or len(value) != n_old:
+        if not isinstance(value, list) or len(value) != n_old:
             continue
-        if attr == "base_lrs" and groups is not None:
+        if attr == "base_lrs":
             new = [g.get("initial_lr", g.get("lr")) for g in groups]
-        elif "lr" in attr.lower() and all(isinstance(v, int | float) for v in value):
+        elif attr in SCALED_LISTS:
             pairs = enumerate(zip(sources, factors, strict=True))
             new = [value[s] * f if math.isfinite(f) else groups[i]["lr"] for i, (s, f) in pairs]
-        else:
+        elif attr in COPIED_LISTS:
             new = [value[s] for s in sources]
+        elif type(scheduler).__module__.startswith("torch.") or attr.startswith("_"):
+            continue  # torch's other lists (SequentialLR's milestones) are not per param group
+        else:
+            raise OptimizerRegroupError(
+                f"{where}: scheduler {type(scheduler).__name__} keeps a list `{attr}` as long as the param groups; "
+                "it cannot be split per rule (build the groups yourself, or drop the rules' `optim`)"
+            )
         setattr(scheduler, attr, new)
 
 
@@ -300,7 +313,7 @@ def apply_rule_settings(
             continue
         for scheduler in schedulers:
             if getattr(scheduler, "optimizer", None) is optimizer:
-                _remap_scheduler(scheduler, *split, n_old)
+                _remap_scheduler(scheduler, *split, n_old, where)
         lines += [group_summary(g) for g in optimizer.param_groups if GROUP_TAG in g]
     return lines
 

@@ -240,3 +240,37 @@ def test_cli_yaml_settings_reach_the_automatic_optimizer_and_the_checkpoint(tmp_
     ]
     rows = checkpoint["lightning_peft"]["plan"]["rows"]
     assert {r["name"].split(".")[-1]: r["optim"] for r in rows}["q_proj"] == {"lr_scale": 3.0}
+
+
+@pytest.mark.parametrize("kind", ["sequential", "onecycle", "plateau", "cyclic"])
+def test_schedulers_keep_the_rule_ratio_after_the_split(kind):
+    """Every torch scheduler family: after the split, each rule's lr stays `factor x` the untouched group's."""
+    from torch.optim import lr_scheduler as S
+
+    from lightning_peft import get_plan, inject_adapters
+    from lightning_peft.optim_groups import apply_rule_settings
+
+    model = CausalLMModule().model
+    policy = {
+        "rules": [
+            {"name": "x4", "method": "lora", "modules": ["q_proj"], "optim": {"lr_scale": 4}},
+            {"name": "plain", "method": "lora", "modules": ["v_proj"]},
+        ]
+    }
+    inject_adapters(model, policy)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    sched = {
+        "sequential": lambda: S.SequentialLR(
+            opt, [S.LinearLR(opt, 0.1, total_iters=3), S.CosineAnnealingLR(opt, T_max=5)], milestones=[3]
+        ),
+        "onecycle": lambda: S.OneCycleLR(opt, max_lr=0.1, total_steps=10),
+        "plateau": lambda: S.ReduceLROnPlateau(opt, patience=0, factor=0.5, min_lr=1e-3),
+        "cyclic": lambda: S.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2),
+    }[kind]()
+    apply_rule_settings([opt], [sched], model, get_plan(model), ["x4", "plain"])
+    assert [g.get(GROUP_TAG) for g in opt.param_groups] == [None, "x4"]
+    for step in range(6):
+        opt.step()
+        sched.step(1.0) if kind == "plateau" else sched.step()
+        plain, x4 = (g["lr"] for g in opt.param_groups)
+        assert x4 == pytest.approx(4 * plain), (kind, step)
