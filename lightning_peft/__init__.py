@@ -15,7 +15,7 @@ from .inject import (
     save_adapters,
     unmerge_adapters,
 )
-from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, Rule
+from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "MoRA",
     "Plan",
     "PolicyError",
+    "PolicyWarning",
     "Rule",
     "UpdateDiagnostics",
     "__version__",

@@ -30,21 +30,22 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from .adapters.dora import DoRA
 from .inject import (
+    CHECKPOINT_KEY,
     AdapterStateError,
     atomic_write,
+    check_checkpoint,
     find_adapters,
     get_plan,
     inject_adapters,
     merge_adapters,
+    remove_adapters,
     save_adapters,
     trainable_state_keys,
 )
 from .optim_groups import apply_rule_settings
 from .policy import LayerPolicy, Plan, PolicyError
-
-CHECKPOINT_KEY = "lightning_peft"
+from .stored import plan_from_stored, read_checkpoint
 
 
 def print_plan(plan: Plan) -> None:
@@ -53,52 +54,6 @@ def print_plan(plan: Plan) -> None:
 
     get_console().print(plan.table())
     get_console().print(plan.summary())
-
-
-def check_checkpoint(pl_module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Raise if `checkpoint` does not fit the adapters injected into `pl_module`.
-
-    Checks the stored plan (same modules, methods, hyper-parameters) and that every
-    trainable tensor is present with the right shape: with non-strict loading a missing
-    key would otherwise keep its fresh random value silently.
-    """
-    live = get_plan(pl_module)
-    if live is None:
-        return
-    stored = checkpoint.get(CHECKPOINT_KEY)
-    if stored is not None:
-        stored_plan = Plan.from_dict(stored["plan"])
-        mismatch = _plan_mismatch(stored_plan, live)
-        if mismatch:
-            raise AdapterStateError(f"Checkpoint was written with a different adapter plan: {mismatch}")
-    state = checkpoint.get("state_dict", {})
-    live_state = pl_module.state_dict()
-    missing = sorted(k for k in trainable_state_keys(pl_module) if k not in state)
-    if missing:
-        raise AdapterStateError(
-            f"Checkpoint lacks {len(missing)} adapter tensor(s) the model needs, e.g. {missing[:4]}; "
-            "it was not written by a run with this policy"
-        )
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(live_state[k].shape)}"
-        for k in live_state
-        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(live_state[k].shape)
-    ]
-    if wrong:
-        raise AdapterStateError("Checkpoint tensor shapes do not fit the model: " + "; ".join(wrong[:6]))
-
-
-def _plan_mismatch(stored: Plan, live: Plan) -> str:
-    a = {name: (method, hp) for name, method, hp in stored.fingerprint()}
-    b = {name: (method, hp) for name, method, hp in live.fingerprint()}
-    problems = [f"{n}: only in checkpoint ({a[n][0]})" for n in sorted(set(a) - set(b))]
-    problems += [f"{n}: only in model ({b[n][0]})" for n in sorted(set(b) - set(a))]
-    problems += [
-        f"{n}: checkpoint {a[n][0]} {a[n][1]} vs model {b[n][0]} {b[n][1]}"
-        for n in sorted(set(a) & set(b))
-        if a[n] != b[n]
-    ]
-    return "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -155,7 +110,7 @@ class AdapterCallback(Callback):
 
     def __init__(
         self,
-        policy: LayerPolicy | str | dict[str, Any],
+        policy: str | dict | LayerPolicy,  # bare `dict` first: jsonargparse passes a mapping through unconverted
         adapter_only_checkpoint: bool = True,
         merge_at_end: bool = False,
         export_dir: str | None = None,
@@ -214,7 +169,8 @@ class AdapterCallback(Callback):
         user_hook = pl_module.on_load_checkpoint
 
         def check_then_load(checkpoint: dict[str, Any]) -> None:
-            check_checkpoint(pl_module, checkpoint)
+            source = getattr(pl_module.trainer, "ckpt_path", None) or "checkpoint"
+            check_checkpoint(pl_module, checkpoint, source=str(source))
             user_hook(checkpoint)
 
         pl_module.on_load_checkpoint = check_then_load
@@ -237,14 +193,15 @@ class AdapterCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refreshed = [
-            name
+            f"{name} ({layer.method})"
             for name, layer in find_adapters(pl_module)
-            if isinstance(layer.adapter, DoRA) and layer.adapter.refresh_if_base_changed(layer)
+            if layer.adapter.refresh_from_base(layer)
         ]
         if refreshed:
             rank_zero_info(
-                f"DoRA magnitudes of {len(refreshed)} module(s) re-initialised: their base weights changed after "
-                "injection (loaded in setup?), e.g. " + ", ".join(refreshed[:3])
+                f"Adapter state derived from base weights (e.g. DoRA magnitudes) re-initialised in {len(refreshed)} "
+                "module(s): their base weights changed after injection (loaded in setup?), e.g. "
+                + ", ".join(refreshed[:3])
             )
         missing = missing_from_optimizers(pl_module, trainer.optimizers)
         if missing:
@@ -314,14 +271,20 @@ class AdapterCallback(Callback):
 def restore_from_checkpoint(model: torch.nn.Module, checkpoint: str | Path | dict[str, Any]) -> Plan:
     """Rebuild adapters from a checkpoint's stored plan and load its tensors, without a Trainer.
 
-    For `load_from_checkpoint`-style inference: build the bare module, then call this.
+    For `load_from_checkpoint`-style inference: build the bare module, then call this. A file
+    is read with `weights_only=True`; on any error the model is left as it was.
     """
+    source = "checkpoint" if isinstance(checkpoint, dict) else str(checkpoint)
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint)
     stored = checkpoint.get(CHECKPOINT_KEY)
-    if stored is None:
-        raise AdapterStateError("Checkpoint holds no lightning-peft plan (was AdapterCallback used?)")
-    plan = inject_adapters(model, Plan.from_dict(stored["plan"]))
-    check_checkpoint(model, checkpoint)
+    if not isinstance(stored, dict) or "plan" not in stored:
+        raise AdapterStateError(f"{source}: holds no lightning-peft plan (was AdapterCallback used?)")
+    plan = inject_adapters(model, plan_from_stored(stored["plan"], source))
+    try:
+        check_checkpoint(model, checkpoint, source)
+    except AdapterStateError:
+        remove_adapters(model)
+        raise
     model.load_state_dict(checkpoint["state_dict"], strict=not stored.get("adapter_only", False))
     return plan

@@ -2,7 +2,7 @@
 
     lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
-    lightning-peft report lightning_logs/version_0            # re-render a finished run's diagnostics
+    lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
     lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
     lightning-peft compare rank-search --config search.yaml   # the LoRA article's rank search (rank_search)
     lightning-peft suggest CONFIG --settings.budget N         # a per-layer policy from a pilot run (suggest)
@@ -27,6 +27,7 @@ from .callback import AdapterCallback, print_plan
 from .diagnostics import UpdateDiagnostics
 from .inject import AdapterStateError
 from .policy import PolicyError
+from .schema import register_jsonargparse_loader
 
 
 class PeftTrainer(pl.Trainer):
@@ -50,6 +51,12 @@ class PeftCLI(LightningCLI):
             "`lightning-peft compare --config COMPARISON`."},
         )
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
+        # duplicate keys are errors (see `lightning_peft.schema`).
+        kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        return super().init_parser(**kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -115,7 +122,11 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] == "report":
         from jsonargparse import CLI
 
-        CLI(report, args=argv[1:])
+        try:
+            CLI(report, args=argv[1:])
+        except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
+            print(f"lightning-peft report: error: {err}", file=sys.stderr)
+            sys.exit(2)
         return
     if argv[:2] == ["compare", "rank-search"]:  # the LoRA article's rank search, a mode of compare
         from .rank_search import rank_search_main

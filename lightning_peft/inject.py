@@ -5,9 +5,11 @@ other parameter, and leaves `full` modules trainable. The plan is stored on the 
 (`get_plan`), which makes injection idempotent and lets checkpoints carry it.
 
 Adapter files are a directory with `adapters.safetensors` (adapter tensors plus the weights
-of `full` modules, keyed by normalised module name) and `plan.json`: the size of the
-adapters, not of the model. Loading checks everything (plan, names, shapes, file integrity)
-before it changes a single tensor.
+of `full` modules, keyed by normalised module name, and the plan in its header) and
+`plan.json` (a readable copy of the plan): the size of the adapters, not of the model. The
+safetensors file alone is authoritative, so one atomic rename makes a save all-or-nothing.
+Loading goes through `stored`, which checks everything (plan, names, shapes, dtypes,
+NaN/inf, file integrity) before a single tensor of the model changes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,21 @@ from torch import Tensor, nn
 
 from .adapters.base import AdapterLinear, get_adapter_class, layer_shape
 from .policy import LayerPolicy, Plan, normalise_name
+from .stored import (
+    ADAPTER_FILE,
+    PLAN_FILE,
+    PLAN_METADATA_KEY,
+    AdapterStateError,
+    check_state,
+    plan_from_stored,
+    plans_differ,
+    read_adapter_dir,
+)
 
 PLAN_ATTR = "_lightning_peft_plan"
 _FLAGS_ATTR = "_lightning_peft_requires_grad"
-ADAPTER_FILE = "adapters.safetensors"
-PLAN_FILE = "plan.json"
-
-
-class AdapterStateError(ValueError):
-    """An adapter file or checkpoint that does not fit the live model."""
+CHECKPOINT_KEY = "lightning_peft"
+__all__ = ["ADAPTER_FILE", "PLAN_FILE", "AdapterStateError"]  # re-exported: their home is `stored`
 
 
 def get_plan(model: nn.Module) -> Plan | None:
@@ -137,8 +145,23 @@ def find_adapters(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (inference with zero overhead)."""
-    for _, layer in find_adapters(model):
+    """Fold every adapter into its base weight (inference with zero overhead); all or nothing.
+
+    Every merged weight is computed and checked (finite in the base dtype) before any layer is
+    changed, so a failure leaves the model bit-identical. Memory stays at one layer's weight:
+    the check pass discards each result and the merge pass recomputes it.
+    """
+    layers = [(n, layer) for n, layer in find_adapters(model) if not layer.merged]
+    with torch.no_grad():
+        for raw_name, layer in layers:
+            weight = layer.base_weight()
+            merged = layer.adapter.merge_weight(weight.to(layer.adapter_dtype)).to(weight.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                raise AdapterStateError(
+                    f"Merging {normalise_name(raw_name)!r} ({layer.method}) gives non-finite weights in "
+                    f"{weight.dtype}; no layer was merged"
+                )
+    for _, layer in layers:
         layer.merge()
 
 
@@ -149,8 +172,10 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     """Undo `inject_adapters`: put the base layers back (merged first if `merge`)."""
+    if merge:
+        merge_adapters(model)  # all layers or none, before anything is removed
     for raw_name, layer in find_adapters(model):
-        layer.merge() if merge else layer.unmerge()
+        layer.unmerge() if not merge else None
         _replace(model, raw_name, layer.base)
     flags = getattr(model, _FLAGS_ATTR, None)
     if flags is not None:
@@ -184,71 +209,54 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write via a temporary file in the same directory, fsync, then `os.replace`: never a torn file.
 
     The rename is atomic because source and target share a directory (and so a filesystem).
+    The temporary file is created with mode 0666 minus the umask, as `open()` would create the
+    target itself (0644 under the usual umask 022), so readers of the result are not locked out.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _new_temp_file(path: Path) -> Path:
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def save_adapters(model: nn.Module, directory: str | Path) -> Path:
-    """Write `adapters.safetensors` and `plan.json` into `directory` (atomically)."""
+    """Write `adapters.safetensors` (tensors + plan in its header) and `plan.json` into `directory`.
+
+    All or nothing: the safetensors file is the whole state and is replaced in one atomic
+    rename; `plan.json` is a readable copy written after it (loading ignores it when the
+    header has the plan). Non-finite tensors are refused before anything is written.
+    """
     from safetensors.torch import save_file
 
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot save adapters of a merged model; call unmerge_adapters() first")
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterStateError(f"Refusing to save adapters: tensor(s) {bad[:6]} hold NaN/inf; nothing was written")
     plan = get_plan(model)
     assert plan is not None
+    plan_json = json.dumps(plan.to_dict(), indent=1)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "lightning-peft"}))
-    atomic_write(directory / PLAN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(plan.to_dict(), indent=1)))
+    metadata = {"format": "lightning-peft", PLAN_METADATA_KEY: plan_json}
+    atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(directory / PLAN_FILE, lambda tmp: Path(tmp).write_text(plan_json))
     return directory
-
-
-def read_adapter_dir(directory: str | Path) -> tuple[Plan, dict[str, Tensor]]:
-    """Read and integrity-check an adapter directory without touching any model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    plan_path, tensor_path = directory / PLAN_FILE, directory / ADAPTER_FILE
-    for path in (plan_path, tensor_path):
-        if not path.is_file():
-            raise AdapterStateError(f"Adapter file {str(path)!r} is missing")
-    try:
-        plan = Plan.from_dict(json.loads(plan_path.read_text()))
-    except (ValueError, KeyError, TypeError) as err:
-        raise AdapterStateError(f"{plan_path}: not a valid lightning-peft plan ({err})") from None
-    try:
-        tensors = load_file(tensor_path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterStateError(f"{tensor_path}: truncated or corrupted safetensors file ({err})") from None
-    return plan, tensors
-
-
-def check_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Raise naming each module whose stored tensors are missing, unexpected or mis-shaped."""
-    live = adapter_state_dict(model)
-    missing = sorted(set(live) - set(state))
-    unexpected = sorted(set(state) - set(live))
-    problems = []
-    if missing:
-        problems.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
-    for key in sorted(set(live) & set(state)):
-        if tuple(live[key].shape) != tuple(state[key].shape):
-            problems.append(f"shape of {key}: stored {tuple(state[key].shape)}, model {tuple(live[key].shape)}")
-    if problems:
-        raise AdapterStateError("Adapter state does not fit the model: " + "; ".join(problems))
 
 
 def load_adapters(model: nn.Module, directory: str | Path) -> Plan:
@@ -257,41 +265,23 @@ def load_adapters(model: nn.Module, directory: str | Path) -> Plan:
     Everything is validated first; on any error the model is left as it was.
     """
     plan, tensors = read_adapter_dir(directory)
+    source = str(Path(directory) / ADAPTER_FILE)
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot load adapters into a merged model; call unmerge_adapters() first")
     existing = get_plan(model)
     if existing is not None and existing.fingerprint() != plan.fingerprint():
-        raise AdapterStateError(f"{directory}: its plan differs from the model's ({_first_difference(existing, plan)})")
+        raise AdapterStateError(f"{source}: its plan differs from the model's ({_first_difference(existing, plan)})")
     if existing is None:
         _check_plan_fits(model, plan, _modules_by_name(model))
-        _check_state_against_plan(plan, tensors)
         inject_adapters(model, plan)
-        try:  # `full` weights and unexpected keys are only checkable on the injected model
-            check_adapter_state(model, tensors)
-        except AdapterStateError:
+    try:  # `full` weights are only checkable on the injected model
+        check_state(tensors, adapter_state_dict(model), source, exact_keys=True)
+    except AdapterStateError:
+        if existing is None:
             remove_adapters(model)
-            raise
-    else:
-        check_adapter_state(model, tensors)
+        raise
     load_adapter_state(model, tensors)
     return plan
-
-
-def _check_state_against_plan(plan: Plan, tensors: dict[str, Tensor]) -> None:
-    """Shape checks against a plan before injecting (uses meta-device adapters: no memory)."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for row in plan.rows:
-        if row.method == "full":
-            continue
-        with torch.device("meta"):
-            adapter = get_adapter_class(row.method)(row.in_features, row.out_features, **row.hparams)
-        for key, value in adapter.state_dict().items():
-            expected[f"{row.name}.adapter.{key}"] = tuple(value.shape)
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise AdapterStateError(f"Adapter state is missing {key!r}")
-        if tuple(tensors[key].shape) != shape:
-            raise AdapterStateError(f"shape of {key}: stored {tuple(tensors[key].shape)}, plan needs {shape}")
 
 
 @torch.no_grad()
@@ -300,6 +290,30 @@ def load_adapter_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     live = adapter_state_dict(model)
     for key, value in state.items():
         live[key].copy_(value)
+
+
+def check_checkpoint(model: nn.Module, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
+    """Raise if `checkpoint` does not fit the adapters injected into `model`.
+
+    Checks the stored plan (same modules, methods, hyper-parameters), and that every trainable
+    tensor is present with the right shape and kind of dtype and holds no NaN/inf: with
+    non-strict loading a missing key would otherwise keep its fresh random value silently.
+    """
+    live = get_plan(model)
+    if live is None:
+        return
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if stored is not None:
+        if not isinstance(stored, dict) or "plan" not in stored:
+            raise AdapterStateError(f"{source}: `{CHECKPOINT_KEY}` entry is not a lightning-peft record")
+        mismatch = plans_differ(plan_from_stored(stored["plan"], source), live, what="checkpoint")
+        if mismatch:
+            raise AdapterStateError(f"{source}: written with a different adapter plan: {mismatch}")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise AdapterStateError(f"{source}: has no `state_dict` mapping")
+    required = trainable_state_keys(model)
+    check_state(state, model.state_dict(), source, required=required, scan=required & set(state))
 
 
 def trainable_state_keys(model: nn.Module) -> set[str]:

@@ -102,19 +102,17 @@ class OptimSettings:
 
 def as_optim_settings(value: OptimSettings | dict[str, Any] | None) -> OptimSettings | None:
     """`None`, a mapping or `OptimSettings` -> `OptimSettings` (an empty mapping is `None`)."""
-    from .policy import PolicyError
+    from .policy import PolicyError, check_unknown_keys
 
     if value is None or isinstance(value, OptimSettings):
         return value
     if not isinstance(value, dict):
         raise PolicyError(f"`optim` must be a mapping of {sorted(vars(OptimSettings()))}, got {value!r}")
-    unknown = sorted(set(value) - set(vars(OptimSettings())))
-    if unknown:
-        raise PolicyError(f"unknown optim key(s) {unknown}; valid: {sorted(vars(OptimSettings()))}")
+    check_unknown_keys(value, OptimSettings, "optim")
     return OptimSettings(**value) if value else None
 
 
-def check_rule_optim(method: str, optim: OptimSettings | None, label: str) -> None:
+def check_rule_optim(method: str, optim: OptimSettings | None) -> None:
     """Policy-time checks: settings on a rule that trains nothing, LoRA+ on a method without `B`."""
     from .adapters.base import get_adapter_class
     from .policy import PolicyError
@@ -122,12 +120,12 @@ def check_rule_optim(method: str, optim: OptimSettings | None, label: str) -> No
     if optim is None:
         return
     if method == "none":
-        raise PolicyError(f"{label}: method 'none' trains nothing, so its `optim` settings would be ignored")
+        raise PolicyError("method 'none' trains nothing, so its `optim` settings would be ignored")
     if optim.lora_plus_ratio is not None:
         roles = {} if method == "full" else get_adapter_class(method).parameter_roles
         if "B" not in roles.values():
             raise PolicyError(
-                f"{label}: `lora_plus_ratio` needs a method with a `B` factor; {method!r} declares roles "
+                f"`lora_plus_ratio` needs a method with a `B` factor; {method!r} declares roles "
                 f"{sorted(set(roles.values()))}"
             )
 

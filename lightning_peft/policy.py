@@ -1,10 +1,10 @@
 """Per-layer policies: which adapter method each module of a model gets.
 
 A `LayerPolicy` is an ordered list of `Rule`s; for every module the **first** rule whose
-`where` matches decides (DESIGN §4). `resolve(model)` is pure and cheap (it reads module
-names and shapes only, so it works on the `meta` device) and returns a `Plan`: one row per
-targeted module. Every problem a policy can have is raised here, naming the rule, before
-anything is injected or trained.
+`where` matches decides (see `docs/policies.md`). `resolve(model)` is pure and cheap (it
+reads module names and shapes only, so it works on the `meta` device) and returns a
+`Plan`: one row per targeted module. Every problem a policy can have is raised here,
+naming the rule, before anything is injected or trained.
 
 Where a rule matches:
 - `modules`: shell globs (or `re:<regex>`) tried against the qualified module name and every
@@ -16,16 +16,21 @@ Where a rule matches:
 What a rule does: `method` is a registered adapter (`lora`, `dora`, `mora`, ...) with
 `hparams`, or `none` (leave frozen; use it to carve exceptions, it wins by order like any
 rule) or `full` (train that module's own weights: the per-layer full fine-tuning baseline).
+
+Values are checked against the annotations of these dataclasses and of each method's
+`__init__`, exactly (no coercion: `r: "8"` is an error, `alpha: .nan` too), so a policy
+written in Python, a mapping and a YAML file are held to the same rules.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,20 +43,54 @@ from .adapters.base import (
     AdapterLinear,
     check_hyperparameters,
     get_adapter_class,
+    hyperparameter_names,
     is_supported_layer,
     layer_shape,
     supported_layer_types,
 )
 from .optim_groups import OptimSettings, as_optim_settings, check_rule_optim
+from .schema import ConfigInputError, load_yaml, read_yaml_file, signature_types, type_error
 
 SPECIAL_METHODS = ("none", "full")
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "policies"
 # Wrapper infixes that torch.compile / FSDP / checkpointing / DDP add to module names.
 _WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# An adapter with more trainable parameters than this many times its layer's weight is an error
+# (a rank many times the layer's size is a typo); above 1x it is a warning (`full` is cheaper).
+MAX_ADAPTER_TO_LAYER_PARAMS = 4
 
 
 class PolicyError(ValueError):
     """A policy that cannot be applied to a model; the message names the rule and module."""
+
+
+class PolicyWarning(UserWarning):
+    """A policy that works but probably not as meant: overlapping rules, oversized adapters, and
+    (with `strict: false`) rules or patterns that match nothing."""
+
+
+def check_fields(obj: Any) -> None:
+    """Raise a `PolicyError` naming the first dataclass field whose value is not of its annotated type."""
+    for name, annotation in _dataclass_types(type(obj)):
+        error = type_error(getattr(obj, name), annotation)
+        if error is not None:
+            raise PolicyError(f"`{name}` {error}")
+
+
+@functools.cache
+def _dataclass_types(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = signature_types(cls)
+    return tuple((f.name, hints.get(f.name, Any)) for f in dataclasses.fields(cls))
+
+
+def check_unknown_keys(mapping: dict[str, Any], cls: type, what: str) -> None:
+    """Raise naming a key of `mapping` that is not a field of dataclass `cls` (with a close match)."""
+    valid = [name for name, _ in _dataclass_types(cls)]
+    for key in mapping:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PolicyError(f"unknown {what} key {key!r}{hint}; valid keys: {valid}")
 
 
 @dataclass
@@ -82,14 +121,26 @@ class DepthSelector:
             raise PolicyError(
                 f"A depth selector needs exactly one of indices/fraction/first/last/outer/inner, got {chosen}"
             )
+        try:
+            check_fields(self)
+        except PolicyError as err:
+            raise PolicyError(f"depth selector {err}") from None
         for name in ("first", "last", "outer", "inner"):
             k = getattr(self, name)
-            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < (0 if name == "inner" else 1)):
+            if k is not None and k < (0 if name == "inner" else 1):
                 raise PolicyError(f"Depth selector `{name}` must be a positive integer, got {k!r}")
         if self.fraction is not None:
             lo_hi = list(self.fraction)
             if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
                 raise PolicyError(f"Depth selector `fraction` must be [lo, hi] with 0 <= lo < hi <= 1, got {lo_hi}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> DepthSelector | None:
+        """A selector from a mapping (unknown keys named), an existing selector, or `None`."""
+        if isinstance(value, dict):
+            check_unknown_keys(value, cls, "depth selector")
+            return cls(**value)
+        return value
 
     def describe(self) -> str:
         for f in dataclasses.fields(self):
@@ -170,16 +221,75 @@ class Rule:
     def __post_init__(self) -> None:
         if isinstance(self.modules, str):
             self.modules = [self.modules]
-        if isinstance(self.depth, dict):
-            self.depth = DepthSelector(**self.depth)
-        self.hparams = dict(self.hparams or {})
+        self.depth = DepthSelector.from_value(self.depth)
+        self.hparams = {} if self.hparams is None else self.hparams
         self.optim = as_optim_settings(self.optim)
+        check_fields(self)
+        self.hparams = dict(self.hparams)
+        if not self.modules:
+            raise PolicyError("`modules` is empty")
+        for pattern in self.modules:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as err:
+                    raise PolicyError(f"bad regex {pattern!r}: {err}") from None
+        check_method_hparams(self.method, self.hparams)
+        check_rule_optim(self.method, self.optim)
+
+    @classmethod
+    def from_value(cls, value: Any) -> Rule:
+        """A rule from a mapping (unknown keys named) or an existing `Rule`."""
+        if isinstance(value, Rule):
+            return value
+        if not isinstance(value, dict):
+            raise PolicyError(f"must be a Rule or a mapping, got {type(value).__name__}")
+        check_unknown_keys(value, cls, "rule")
+        if "method" not in value:
+            raise PolicyError("`method` is missing (lora, dora, mora, ..., none or full)")
+        return cls(**value)
 
     def label(self, index: int) -> str:
         return f"rule {index} ({self.name})" if self.name else f"rule {index} ({self.method} on {self.modules})"
 
     def matches_name(self, name: str) -> bool:
         return any(pattern_matches(p, name) for p in self.modules)
+
+
+def check_method_hparams(method: str, hparams: dict[str, Any]) -> None:
+    """Raise a `PolicyError` for an unknown method, an unknown hyper-parameter, or a value whose
+    type is not the one the method's `__init__` annotates (no coercion, floats finite)."""
+    if method in SPECIAL_METHODS:
+        if hparams:
+            raise PolicyError(f"method {method!r} takes no hyper-parameters, got {sorted(hparams)}")
+        return
+    try:
+        cls = get_adapter_class(method)
+        if not set(hparams) <= _hparam_names(cls):
+            check_hyperparameters(method, hparams)  # raises, naming the unknown ones
+    except ValueError as err:
+        raise PolicyError(f"{err}" + (" (or 'none'/'full')" if method not in _registered() else "")) from None
+    types = _init_types(cls)
+    for key, value in hparams.items():
+        error = type_error(value, types.get(key, Any))
+        if error is not None:
+            raise PolicyError(f"hyper-parameter `{key}` of {method} {error}")
+
+
+def _registered() -> list[str]:
+    from .adapters.base import ADAPTERS
+
+    return list(ADAPTERS)
+
+
+@functools.cache
+def _hparam_names(cls: type) -> frozenset[str]:
+    return frozenset(hyperparameter_names(cls))
+
+
+@functools.cache
+def _init_types(cls: type) -> dict[str, Any]:
+    return signature_types(cls.__init__)
 
 
 def _name_suffixes(name: str) -> Iterator[str]:
@@ -215,7 +325,7 @@ class PlanRow:
     hparams: dict[str, Any]
     params: int
     rule: int
-    optim: dict[str, float] = field(default_factory=dict)
+    optim: dict[str, float] = field(default_factory=dict)  # the rule's optimizer settings (may be absent)
 
 
 @dataclass
@@ -351,45 +461,15 @@ def _owns_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def _method_errors(rule: Rule, label: str) -> None:
-    if rule.method in SPECIAL_METHODS:
-        if rule.hparams:
-            raise PolicyError(f"{label}: method {rule.method!r} takes no hyper-parameters, got {sorted(rule.hparams)}")
-        return
-    try:
-        check_hyperparameters(rule.method, rule.hparams)
-    except ValueError as err:
-        raise PolicyError(f"{label}: {err}") from None
+@dataclass
+class _Match:
+    """A module some rule matches: `rules` lists every matching rule in order; the first decides."""
 
-
-def _check_rule_mappings(rules: Any, source: str) -> None:
-    """Unknown keys and bad depth selectors in raw rule mappings, reported with the rule's index."""
-    if not isinstance(rules, list):
-        return
-    rule_keys = [f.name for f in dataclasses.fields(Rule)]
-    depth_keys = [f.name for f in dataclasses.fields(DepthSelector)]
-    for i, raw in enumerate(rules):
-        if not isinstance(raw, dict):
-            continue
-        label = (
-            f"rule {i} ({raw['name']})"
-            if raw.get("name")
-            else f"rule {i} ({raw.get('method')} on {raw.get('modules')})"
-        )
-        optim_keys = [f.name for f in dataclasses.fields(OptimSettings)]
-        checks = ((raw, rule_keys, "rule"), (raw.get("depth"), depth_keys, "depth selector"))
-        for keys, valid, where in (*checks, (raw.get("optim"), optim_keys, "optim")):
-            if not isinstance(keys, dict):
-                continue
-            for key in sorted(set(keys) - set(valid)):
-                close = difflib.get_close_matches(str(key), valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise PolicyError(f"{source}: {label}: unknown {where} key {key!r}{hint}; valid keys: {valid}")
-        if isinstance(raw.get("depth"), dict):
-            try:
-                DepthSelector(**raw["depth"])
-            except (PolicyError, TypeError) as err:
-                raise PolicyError(f"{source}: {label}: {err}") from None
+    name: str
+    module: nn.Module
+    block: int | None
+    kind: str
+    rules: list[int]
 
 
 @dataclass
@@ -399,8 +479,11 @@ class LayerPolicy:
     Args:
         rules: the rules, tried in order for every module.
         blocks: dotted path of the repeated-block container; auto-discovered when `None`.
-        strict: every rule must decide at least one module (a rule that matches nothing, or
-            only modules earlier rules already took, is an error rather than a silent no-op).
+        strict: every rule, and every pattern in a rule's `modules`, must match at least one
+            module (a rule that matches nothing, or only modules earlier rules already took, is
+            an error rather than a silent no-op). With `strict: false` they are warnings
+            (`PolicyWarning`), for policies shared across architectures. Either way a policy
+            that adapts no module at all is an error.
     """
 
     rules: list[Rule] = field(default_factory=list)
@@ -408,31 +491,24 @@ class LayerPolicy:
     strict: bool = True
 
     def __post_init__(self) -> None:
-        self.rules = [Rule(**r) if isinstance(r, dict) else r for r in self.rules]
+        if not isinstance(self.rules, list | tuple):
+            raise PolicyError(f"`rules` must be a list of rules, got {type(self.rules).__name__}")
         if not self.rules:
             raise PolicyError("A policy needs at least one rule; `rules` is empty")
-        for i, rule in enumerate(self.rules):
-            label = rule.label(i)
-            if not isinstance(rule, Rule):
-                raise PolicyError(f"rule {i} must be a Rule or a mapping, got {type(rule).__name__}")
-            if not rule.modules:
-                raise PolicyError(f"{label}: `modules` is empty")
-            for pattern in rule.modules:
-                if pattern.startswith("re:"):
-                    try:
-                        re.compile(pattern[3:])
-                    except re.error as err:
-                        raise PolicyError(f"{label}: bad regex {pattern!r}: {err}") from None
-            if rule.method not in SPECIAL_METHODS:
-                try:
-                    get_adapter_class(rule.method)
-                except ValueError as err:
-                    raise PolicyError(f"{label}: {err} (or 'none'/'full')") from None
-            _method_errors(rule, label)
-            check_rule_optim(rule.method, rule.optim, label)
+        rules = []
+        for i, raw in enumerate(self.rules):
+            try:
+                rules.append(Rule.from_value(raw))
+            except PolicyError as err:
+                raise PolicyError(f"{_raw_label(raw, i)}: {err}") from None
+        self.rules = rules
+        check_fields(self)
+        self._check_duplicate_rules()
+
+    def _check_duplicate_rules(self) -> None:
         seen: dict[str, int] = {}
         for i, rule in enumerate(self.rules):
-            key = json.dumps([rule.modules, dataclasses.asdict(rule.depth) if rule.depth else None], sort_keys=True)
+            key = repr((rule.modules, rule.depth))  # dataclass reprs: cheap and exact
             if key in seen:
                 raise PolicyError(
                     f"{rule.label(i)} has the same `modules` and `depth` as rule {seen[key]}; it could never match"
@@ -443,27 +519,22 @@ class LayerPolicy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "policy") -> LayerPolicy:
-        """Build from a plain mapping, validated by jsonargparse against this dataclass schema."""
-        from jsonargparse import ArgumentParser
+        """Build from a plain mapping (YAML's schema); errors name `source` and the rule.
 
-        if not isinstance(data, dict):
-            raise PolicyError(f"{source}: a policy must be a mapping with `rules`, got {type(data).__name__}")
-        data = copy.deepcopy(data)  # jsonargparse rewrites nested mappings in place
-        _check_rule_mappings(data.get("rules"), source)  # errors that name the rule (jsonargparse's do not)
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(cls, "policy")
+        Linear in the number of rules: each rule is checked once against the dataclass
+        annotations and its method's signature (no deep copies, no coercion).
+        """
         try:
-            cfg = parser.parse_object({"policy": data})
-            built = parser.instantiate_classes(cfg)["policy"]
+            if not isinstance(data, dict):
+                raise PolicyError(f"a policy must be a mapping with `rules`, got {type(data).__name__}")
+            check_unknown_keys(data, cls, "policy")
+            return cls(**data)
         except PolicyError as err:
             raise PolicyError(f"{source}: {err}") from None
-        except Exception as err:  # jsonargparse reports schema errors (unknown keys, types)
-            raise PolicyError(f"{source}: invalid policy: {err}") from None
-        return built
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LayerPolicy:
-        """Load a policy file; errors name the file."""
+        """Load a policy file, read as written (YAML 1.2 scalars, no duplicate keys); errors name the file."""
         import yaml
 
         path = Path(path)
@@ -472,18 +543,38 @@ class LayerPolicy:
         if not path.is_file():
             raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()})")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = read_yaml_file(path)
+        except ConfigInputError as err:
+            raise PolicyError(f"{path}: {err}") from None
         except yaml.YAMLError as err:
             raise PolicyError(f"{path}: YAML syntax error: {err}") from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
+    def from_text(cls, text: str, source: str = "policy") -> LayerPolicy:
+        """A policy from YAML text (e.g. `--adapters.policy '{rules: [...]}'`), read as written."""
+        import yaml
+
+        try:
+            data = load_yaml(text)
+        except ConfigInputError as err:
+            raise PolicyError(f"{source}: {err}") from None
+        except yaml.YAMLError as err:
+            raise PolicyError(f"{source}: YAML syntax error: {err}") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
     def load(cls, policy: LayerPolicy | str | Path | dict[str, Any]) -> LayerPolicy:
+        """A policy from a `LayerPolicy`, a mapping, a YAML path or a preset name."""
         if isinstance(policy, LayerPolicy):
             return policy
         if isinstance(policy, dict):
             return cls.from_dict(policy)
-        return cls.from_yaml(policy)
+        if isinstance(policy, str) and _looks_inline(policy):
+            return cls.from_text(policy, source="inline policy")
+        if isinstance(policy, str | Path):
+            return cls.from_yaml(policy)
+        raise PolicyError(f"A policy is a LayerPolicy, a mapping or a YAML path, got {type(policy).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -496,84 +587,107 @@ class LayerPolicy:
                 rule.pop("optim", None)
         return data
 
-    # -- resolution ----------------------------------------------------------------------
+    # -- resolution: plain steps, top to bottom --------------------------------------------
 
     def resolve(self, model: nn.Module) -> Plan:
-        """Decide every module's method. Pure: reads names and shapes only (meta-safe)."""
+        """Decide every module's method. Pure: reads names and shapes only (meta-safe).
+
+        Every check runs before a plan is returned, so nothing is injected from a policy
+        that does not fit: rules that match nothing, patterns that match nothing next to
+        ones that do, depth selectors out of range, unadaptable targets, bad shapes.
+        """
         blocks_path, num_blocks = discover_blocks(model, self.blocks)
-        selected = []
+        selected = self._selected_blocks(num_blocks)
+        matches, pattern_hits = self._match_modules(model, blocks_path, selected)
+        rows, unsupported = self._plan_rows(matches)
+        self._check_every_rule_decides(matches, unsupported)
+        self._check_every_pattern_matches(pattern_hits, matches)
+        self._warn_overlaps(matches)
+        if not rows:
+            raise PolicyError(
+                f"The policy adapts no module of {type(model).__name__}: nothing would train "
+                "(every match is `none`, or nothing matches); check `modules`/`depth`"
+            )
+        model_params = sum(p.numel() for p in model.parameters())
+        return Plan(rows=rows, blocks_path=blocks_path, num_blocks=num_blocks, model_params=model_params)
+
+    def _selected_blocks(self, num_blocks: int) -> list[set[int] | None]:
+        """Each rule's block set (`None`: no depth selector)."""
+        selected: list[set[int] | None] = []
         for i, rule in enumerate(self.rules):
-            if rule.depth is None:
-                selected.append(None)
-                continue
             try:
-                selected.append(rule.depth.blocks(num_blocks))
+                selected.append(None if rule.depth is None else rule.depth.blocks(num_blocks))
             except PolicyError as err:
                 raise PolicyError(f"{rule.label(i)}: {err}") from None
-        rows: list[PlanRow] = []
-        decided = [0] * len(self.rules)
-        shadowed = [0] * len(self.rules)
-        unsupported: list[list[str]] = [[] for _ in self.rules]
-        inside: list[str] = []  # prefixes of modules already decided (their children are skipped)
-        shapes_checked: set[tuple] = set()
+        return selected
+
+    def _match_modules(
+        self, model: nn.Module, blocks_path: str | None, selected: list[set[int] | None]
+    ) -> tuple[list[_Match], list[set[str]]]:
+        """Every module some rule matches (children of a decided module are skipped), and the
+        patterns of each rule that matched at least one module inside its depth."""
+        matches: list[_Match] = []
+        hits: list[set[str]] = [set() for _ in self.rules]
+        decided_prefix: str | None = None  # named_modules is pre-order: a subtree is contiguous
         for raw_name, module in model.named_modules():
-            if not raw_name:
-                continue
             name = normalise_name(raw_name)
+            if not raw_name or (decided_prefix is not None and name.startswith(decided_prefix)):
+                continue
             if isinstance(module, AdapterLinear):
                 raise PolicyError(
                     f"Module {name!r} already carries a {module.method} adapter; remove it before resolving"
                 )
-            if any(name.startswith(p + ".") for p in inside):
-                continue
             block, kind = _block_of(name, blocks_path)
-            winner = None
+            matching = []
             for i, rule in enumerate(self.rules):
-                if not rule.matches_name(name):
-                    continue
                 if selected[i] is not None and (block is None or block not in selected[i]):
                     continue
-                if winner is None:
-                    winner = i
-                else:
-                    shadowed[i] += 1
-            if winner is None:
+                hit = [p for p in rule.modules if pattern_matches(p, name)]
+                if hit:
+                    hits[i].update(hit)
+                    matching.append(i)
+            if matching:
+                match = _Match(name, module, block, kind, matching)
+                matches.append(match)
+                if self._decides(match):
+                    decided_prefix = name + "."
+        return matches, hits
+
+    def _decides(self, match: _Match) -> bool:
+        """Whether the winning rule takes this module (and so its whole subtree)."""
+        method = self.rules[match.rules[0]].method
+        if method == "none":
+            return True
+        if method == "full":
+            return any(True for _ in match.module.parameters())
+        return is_supported_layer(match.module)
+
+    def _plan_rows(self, matches: list[_Match]) -> tuple[list[PlanRow], list[list[str]]]:
+        """One row per decided module; per rule, the parameter-owning leaves it cannot adapt."""
+        rows: list[PlanRow] = []
+        unsupported: list[list[str]] = [[] for _ in self.rules]
+        sizes: dict[tuple, int] = {}  # (method, hparams, in, out) -> trainable parameters
+        for match in matches:
+            winner = match.rules[0]
+            rule, module = self.rules[winner], match.module
+            if rule.method == "none" or not self._decides(match):
+                if rule.method not in SPECIAL_METHODS and _owns_parameters(module) and not _has_children(module):
+                    unsupported[winner].append(f"{match.name} ({type(module).__name__})")
                 continue
-            rule = self.rules[winner]
-            label = rule.label(winner)
-            if rule.method == "none":  # the whole subtree stays frozen
-                decided[winner] += 1
-                inside.append(name)
-                continue
-            if rule.method == "full":  # the whole subtree trains
-                params = sum(p.numel() for p in module.parameters())
-                if params == 0:
-                    continue
+            if rule.method == "full":
                 in_f, out_f = layer_shape(module) if is_supported_layer(module) else (0, 0)
-                rows.append(PlanRow(name, block, kind, type(module).__name__, in_f, out_f, "full", {}, params, winner))
-                decided[winner] += 1
-                inside.append(name)
-                continue
-            if not is_supported_layer(module):
-                if _owns_parameters(module) and not any(True for _ in module.children()):
-                    unsupported[winner].append(f"{name} ({type(module).__name__})")
-                continue
-            in_f, out_f = layer_shape(module)
-            cls = get_adapter_class(rule.method)
-            key = (rule.method, json.dumps(rule.hparams, sort_keys=True, default=str), in_f, out_f)
-            if key not in shapes_checked:
-                try:
-                    with torch.device("meta"):
-                        cls(in_f, out_f, **rule.hparams)  # every hyper-parameter check, no memory
-                except (ValueError, TypeError) as err:
-                    raise PolicyError(f"{label} on {name!r} ({in_f}->{out_f}): {err}") from None
-                shapes_checked.add(key)
-            params = cls.count_parameters(in_f, out_f, **rule.hparams)
+                params = sum(p.numel() for p in module.parameters())
+            else:
+                in_f, out_f = layer_shape(module)
+                key = (rule.method, json.dumps(rule.hparams, sort_keys=True, default=repr), in_f, out_f)
+                if key not in sizes:
+                    sizes[key] = self._adapter_params(winner, match.name, in_f, out_f)
+                params = sizes[key]
             rows.append(
                 PlanRow(
-                    name,
-                    block,
-                    kind,
+                    match.name,
+                    match.block,
+                    match.kind,
                     type(module).__name__,
                     in_f,
                     out_f,
@@ -581,10 +695,44 @@ class LayerPolicy:
                     dict(rule.hparams),
                     params,
                     winner,
+                    rule.optim.to_dict() if rule.optim else {},  # travels with the plan: table, JSON, checkpoints
                 )
             )
-            decided[winner] += 1
-            inside.append(name)
+        return rows, unsupported
+
+    def _adapter_params(self, index: int, name: str, in_f: int, out_f: int) -> int:
+        """Build the adapter on `meta` (every hyper-parameter check, no memory), count its
+        trainable parameters, and check its size against the layer's."""
+        rule = self.rules[index]
+        where = f"{rule.label(index)} on {name!r} ({in_f}->{out_f})"
+        try:
+            with torch.device("meta"):
+                adapter = get_adapter_class(rule.method)(in_f, out_f, **rule.hparams)
+        except (ValueError, TypeError) as err:
+            raise PolicyError(f"{where}: {err}") from None
+        params = adapter.num_trainable_parameters()
+        if params > MAX_ADAPTER_TO_LAYER_PARAMS * in_f * out_f:
+            raise PolicyError(
+                f"{where}: {rule.method} with {rule.hparams} has {params:,} trainable parameters, more than "
+                f"{MAX_ADAPTER_TO_LAYER_PARAMS}x the layer's {in_f * out_f:,} weights; lower `r` (or use 'full')"
+            )
+        if params > in_f * out_f:
+            warnings.warn(
+                f"{where}: the {rule.method} adapter has {params:,} trainable parameters, more than the "
+                f"layer's {in_f * out_f:,} weights (method 'full' would be cheaper)",
+                PolicyWarning,
+                stacklevel=4,
+            )
+        return params
+
+    def _check_every_rule_decides(self, matches: list[_Match], unsupported: list[list[str]]) -> None:
+        decided = [0] * len(self.rules)
+        shadowed = [0] * len(self.rules)
+        for match in matches:
+            if self._decides(match):
+                decided[match.rules[0]] += 1
+                for other in match.rules[1:]:
+                    shadowed[other] += 1
         for i, rule in enumerate(self.rules):
             if unsupported[i] and decided[i] == 0:
                 names = [t.__name__ for t in supported_layer_types()]
@@ -592,12 +740,67 @@ class LayerPolicy:
                     f"{rule.label(i)} targets only modules {rule.method} cannot adapt: {unsupported[i][:5]}; "
                     f"supported types are {names} (use method 'full' to train such modules)"
                 )
-            if self.strict and decided[i] == 0:
+            if decided[i] == 0:
                 why = f" (the {shadowed[i]} module(s) it matches are taken by earlier rules)" if shadowed[i] else ""
-                raise PolicyError(
-                    f"{rule.label(i)} matches no module{why}; check `modules`/`depth` or set strict: false"
-                )
-        model_params = sum(p.numel() for p in model.parameters())
-        for row in rows:  # per-rule optimizer settings travel with the plan (table, JSON, checkpoints)
-            row.optim = self.rules[row.rule].optim.to_dict() if self.rules[row.rule].optim else {}
-        return Plan(rows=rows, blocks_path=blocks_path, num_blocks=num_blocks, model_params=model_params)
+                self._strict_or_warn(f"{rule.label(i)} matches no module{why}; check `modules`/`depth`")
+
+    def _check_every_pattern_matches(self, hits: list[set[str]], matches: list[_Match]) -> None:
+        """A misspelled pattern next to a matching one must not leave half a rule silently unused."""
+        for i, rule in enumerate(self.rules):
+            dead = [p for p in rule.modules if p not in hits[i]]
+            if not dead or not hits[i]:
+                continue  # a rule matching nothing at all is reported by _check_every_rule_decides
+            self._strict_or_warn(
+                f"{rule.label(i)}: pattern {dead[0]!r} matches no module{_why_unmatched(dead[0], matches)} "
+                "while its other patterns do" + (f" (also unmatched: {dead[1:]})" if len(dead) > 1 else "")
+            )
+
+    def _strict_or_warn(self, message: str) -> None:
+        if self.strict:
+            raise PolicyError(f"{message}; or set strict: false")
+        warnings.warn(f"{message} (ignored: strict is false)", PolicyWarning, stacklevel=4)
+
+    def _warn_overlaps(self, matches: list[_Match]) -> None:
+        """First match wins; a later rule that also matched is told, once per pair of rules."""
+        pairs: dict[tuple[int, int], list[str]] = {}
+        for match in matches:
+            if self._decides(match):
+                for other in match.rules[1:]:
+                    pairs.setdefault((match.rules[0], other), []).append(match.name)
+        for (winner, other), names in pairs.items():
+            warnings.warn(
+                f"{self.rules[other].label(other)} also matches {len(names)} module(s) that "
+                f"{self.rules[winner].label(winner)} decides (first match wins), e.g. {names[0]!r}",
+                PolicyWarning,
+                stacklevel=3,
+            )
+
+
+def _why_unmatched(pattern: str, matches: list[_Match]) -> str:
+    """A hint for a dead pattern: it matches only outside the rule's depth, or a close name."""
+    outside = next((m.name for m in matches if pattern_matches(pattern, m.name)), None)
+    if outside is not None:
+        return f" inside the rule's depth selector (it matches {outside!r}, outside it)"
+    names = sorted({m.kind for m in matches} | {m.name.rpartition(".")[2] for m in matches})
+    close = difflib.get_close_matches(pattern, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _looks_inline(text: str) -> bool:
+    """A YAML mapping given in place of a path (the CLI passes `--adapters.policy '{rules: ...}'` as text)."""
+    stripped = text.strip()
+    return stripped.startswith("{") or "\n" in stripped or stripped.startswith("rules:")
+
+
+def _raw_label(raw: Any, index: int) -> str:
+    if isinstance(raw, Rule):
+        return raw.label(index)
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"]:
+        return f"rule {index} ({raw['name']})"
+    if isinstance(raw, dict):
+        return f"rule {index} ({raw.get('method')} on {raw.get('modules', ['*'])})"
+    return f"rule {index}"
+
+
+def _has_children(module: nn.Module) -> bool:
+    return any(True for _ in module.children())

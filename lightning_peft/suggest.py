@@ -368,29 +368,43 @@ def carried_params(model: Any, carried: Sequence[dict[str, Any]]) -> int:
     """Trainable parameters of the carried rules alone (they count against the budget)."""
     from .policy import LayerPolicy
 
-    if not carried:
-        return 0
+    if not any(r.get("method") == "full" for r in carried):
+        return 0  # `none` rules carve out, they train nothing
     return LayerPolicy.from_dict({"rules": list(carried), "strict": False}).resolve(model).trainable_params
+
+
+def pilot_candidates(model: Any, settings: SuggestSettings) -> list[str]:
+    """Names of the Linear layers inside the repeated blocks that `pilot_modules` match."""
+    from .adapters.base import is_supported_layer
+    from .policy import discover_blocks, normalise_name, pattern_matches
+
+    blocks_path, _ = discover_blocks(model)
+    if blocks_path is None:
+        return []
+    inside = [normalise_name(n) for n, m in model.named_modules() if is_supported_layer(m)]
+    inside = [
+        n for n in inside if n.startswith(blocks_path + ".") and n[len(blocks_path) + 1 :].split(".")[0].isdigit()
+    ]
+    return [n for n in inside if any(pattern_matches(p, n) for p in settings.pilot_modules)]
 
 
 def check_before_pilot(model: Any, settings: SuggestSettings, carried: Sequence[dict[str, Any]]) -> Any:
     """The pilot's plan; `SuggestError` when it adapts nothing or no policy fits the budget."""
-    from .policy import LayerPolicy, PolicyError
+    from .policy import LayerPolicy, PolicyError, discover_blocks
 
+    if not pilot_candidates(model, settings):
+        raise SuggestError(
+            f"the pilot adapts nothing: `pilot_modules` {settings.pilot_modules} match no Linear layer inside the "
+            f"repeated blocks ({discover_blocks(model)[0] or 'none found'}) of {type(model).__name__}"
+        )
     try:
         plan = LayerPolicy.from_dict(pilot_policy(settings, carried), source="pilot policy").resolve(model)
     except PolicyError as err:
         raise SuggestError(f"the pilot policy does not fit the model: {err}") from None
     adapted = [r for r in plan.rows if r.method == "lora"]
-    if not adapted:
-        raise SuggestError(
-            f"the pilot adapts nothing: `pilot_modules` {settings.pilot_modules} match no Linear layer inside the "
-            f"repeated blocks ({plan.blocks_path or 'none found'})"
-        )
     lora = get_adapter_class("lora")
-    smallest = carried_params(model, carried) + min(
-        lora.count_parameters(r.in_features, r.out_features, r=1) for r in adapted
-    )
+    smallest = min(lora.count_parameters(r.in_features, r.out_features, r=1) for r in adapted)
+    smallest += carried_params(model, carried)
     if settings.budget < smallest:
         raise SuggestError(
             f"budget {settings.budget:,} is smaller than any policy: the smallest (LoRA r=1 on one module, plus the "

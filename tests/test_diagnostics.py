@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_peft.adapters import AdapterLinear, DoRA, LoRA, MoRA
+from lightning_peft.adapters import AdapterLinear, AdapterMethod, DoRA, LoRA, MoRA
 from lightning_peft.diagnostics import (
     COLUMNS,
     UpdateDiagnostics,
@@ -22,14 +22,11 @@ from lightning_peft.diagnostics import (
     drift_correlation,
     effective_rank,
     energy_rank,
-    lora_singular_values,
-    mora_singular_values,
     pearson,
     read_table,
     render_report,
     stable_rank,
 )
-from lightning_peft.diagnostics import spectra as spectra_module
 from lightning_peft.inject import inject_adapters
 
 SPECTRAL = ("fro_norm", "rel_norm", "spectral_ratio", "stable_rank", "effective_rank", "r90")
@@ -228,8 +225,8 @@ def test_cheap_routes_equal_dense_singular_values():
     for _, layer in [*lora_cases(), *mora_cases()]:
         dense = torch.linalg.svdvals(layer.delta_weight().double())
         ad = layer.adapter
-        cheap = lora_singular_values(ad.lora_A, ad.lora_B, ad.scaling) if isinstance(ad, LoRA) else None
-        cheap = mora_singular_values(ad) if isinstance(ad, MoRA) else cheap
+        assert type(ad).update_singular_values is not AdapterMethod.update_singular_values  # a cheap route
+        cheap = ad.update_singular_values(layer.unmerged_base_weight())
         cheap = torch.sort(cheap.double(), descending=True).values
         n = min(len(cheap), len(dense))
         torch.testing.assert_close(cheap[:n], dense[:n], rtol=1e-5, atol=1e-5 * float(dense[0]))
@@ -243,7 +240,8 @@ def test_mora_sharing_is_a_kronecker_product():
     ad = layer.adapter
     assert ad.r_hat == 20
     expected = math.sqrt(6) * torch.linalg.svdvals(ad.mora_M.detach().double())
-    torch.testing.assert_close(torch.sort(mora_singular_values(ad), descending=True).values, expected)
+    cheap = ad.update_singular_values(layer.unmerged_base_weight())
+    torch.testing.assert_close(torch.sort(cheap, descending=True).values, expected)
     dense = torch.linalg.svdvals(layer.delta_weight().double())
     torch.testing.assert_close(dense[:20], expected, rtol=1e-5, atol=1e-5)
 
@@ -409,7 +407,7 @@ def test_failures_warn_once_and_training_continues(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(spectra_module, "lora_singular_values", broken)
+    monkeypatch.setattr(LoRA, "update_singular_values", broken)
     policy = {"rules": [{"method": "lora", "modules": ["q_proj"], "hparams": {"r": 2}}]}
     module = LlamaModule(policy, layers=2)
     diag = UpdateDiagnostics(every_n_steps=1, plots=False, log_dir=str(tmp_path / "diag"))

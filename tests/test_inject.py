@@ -247,12 +247,12 @@ def _wrong_shape(tensors):
         (
             "wrong shape",
             "fresh",
-            r"shape of model.layers.2.mlp.up_proj.adapter.lora_A: stored \(5, 32\), plan needs \(4, 32\)",
+            r"tensor 'model.layers.2.mlp.up_proj.adapter.lora_A' has shape \(5, 32\), the model needs \(4, 32\)",
         ),
         (
             "wrong shape",
             "injected",
-            r"shape of model.layers.2.mlp.up_proj.adapter.lora_A: stored \(5, 32\), model \(4, 32\)",
+            r"tensor 'model.layers.2.mlp.up_proj.adapter.lora_A' has shape \(5, 32\), the model needs \(4, 32\)",
         ),
         ("missing full weight", "fresh", r"missing \['model.norm.weight'\]"),
         ("unexpected tensor", "fresh", r"unexpected \['model.bogus.adapter.x'\]"),

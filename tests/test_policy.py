@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_peft import DepthSelector, LayerPolicy, Plan, PolicyError, Rule, inject_adapters
+from lightning_peft import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule, inject_adapters
 from lightning_peft.adapters.base import AdapterLinear
 
 
@@ -50,7 +50,7 @@ def blocks_by_method(plan: Plan) -> dict[str, set[int]]:
 def expected_params(method: str, in_f: int, out_f: int, hp: dict) -> int:
     """Independent parameter formulas (DESIGN §5; MoRA reference rounding rule)."""
     r = hp.get("r", 8)
-    if method == "lora":
+    if method in ("lora", "hira"):  # HiRA: A (r x in) and B (out x r), as LoRA
         return r * (in_f + out_f)
     if method == "dora":
         return r * (in_f + out_f) + out_f  # + magnitude vector
@@ -200,8 +200,11 @@ def test_depth_indices_through_resolve(models):
 
 def test_modules_outside_blocks_match_only_rules_without_depth(models):
     # lm_head has no depth: the depth rule cannot take it, the depth-free rule can.
-    policy = LayerPolicy(rules=[Rule("lora", ["lm_head", "q_proj"], depth={"first": 1}), Rule("lora", ["lm_head"])])
-    rows = {r.name: (r.block, r.rule) for r in policy.resolve(models["llama"]).rows}
+    rules = [Rule("lora", ["lm_head", "q_proj"], depth={"first": 1}), Rule("lora", ["lm_head"])]
+    with pytest.raises(PolicyError, match=r"rule 0 .*pattern 'lm_head' matches no module inside the rule's depth"):
+        LayerPolicy(rules=rules).resolve(models["llama"])  # strict: a dead pattern in a rule is an error
+    with pytest.warns(PolicyWarning, match="pattern 'lm_head' matches no module"):
+        rows = {r.name: (r.block, r.rule) for r in LayerPolicy(rules=rules, strict=False).resolve(models["llama"]).rows}
     assert rows == {"model.layers.0.self_attn.q_proj": (0, 0), "lm_head": (None, 1)}
 
 
@@ -413,7 +416,7 @@ def _rule(**kw):
         (_rule(modules=["nothing_here"]), r"rule 0 \(my-rule\) matches no module"),
         (
             _rule(method="loar"),
-            r"rule 0 \(my-rule\): Unknown adapter method 'loar'; choose one of \['dora', 'lora', 'mora'\]",
+            r"rule 0 \(my-rule\): Unknown adapter method 'loar'; choose one of \['dora', 'hira', 'lora', 'mora'\]",
         ),
         (
             _rule(hparams={"rnak": 8}),
@@ -421,7 +424,7 @@ def _rule(**kw):
         ),
         (
             _rule(hparams={"r": "four"}),
-            r"rule 0 \(my-rule\) on 'model.layers.0.self_attn.q_proj'.*`r` must be a positive integer, got 'four'",
+            r"rule 0 \(my-rule\): hyper-parameter `r` of lora must be int, got the string 'four'",
         ),
         (_rule(hparams={"r": 0}), r"rule 0 \(my-rule\).*`r` must be a positive integer, got 0"),
         (
@@ -475,7 +478,7 @@ def _rule(**kw):
             r"rule 1 \(dora on \['q_proj'\]\) matches no module"
             r" \(the 6 module\(s\) it matches are taken by earlier rules\)",
         ),
-        ({"rules": [{"method": "lora", "modules": ["q_proj"]}], "bogus": 1}, r"does not accept option 'bogus'"),
+        ({"rules": [{"method": "lora", "modules": ["q_proj"]}], "bogus": 1}, r"policy: unknown policy key 'bogus'"),
     ],
 )
 def test_bad_policies_raise_policy_error(models, policy, match):

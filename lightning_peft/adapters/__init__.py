@@ -5,6 +5,7 @@ from .base import (
     AdapterLinear,
     AdapterMethod,
     check_hyperparameters,
+    diagnostic_names,
     get_adapter_class,
     hyperparameter_names,
     is_supported_layer,
@@ -12,6 +13,7 @@ from .base import (
     register_adapter,
 )
 from .dora import DoRA
+from .hira import HiRA
 from .lora import LoRA
 from .mora import MoRA, mora_rank
 
@@ -20,9 +22,11 @@ __all__ = [
     "AdapterLinear",
     "AdapterMethod",
     "DoRA",
+    "HiRA",
     "LoRA",
     "MoRA",
     "check_hyperparameters",
+    "diagnostic_names",
     "get_adapter_class",
     "hyperparameter_names",
     "is_supported_layer",

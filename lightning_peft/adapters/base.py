@@ -8,7 +8,13 @@ trainable tensors. `AdapterLinear` owns the frozen base layer and one method:
 
 Keeping the adapter tensors in their own child module (`layer.adapter`) apart from
 `layer.base` makes key filtering trivial (`.adapter.` in the name) and lets FSDP wrap the
-trainable tensors in their own unit (reference/lightning.md §1.2).
+trainable tensors in their own unit.
+
+`AdapterMethod` is the only place that knows a method. Besides its math (`forward`,
+`delta_weight`, merge) it answers, through optional hooks with exact defaults, what the
+rest of the package needs: the singular values and row terms of its update (diagnostics),
+extra named diagnostics, state derived from the base weight (fit start), and its parameter
+count (plans). docs/methods.md lists the methods and walks through adding one.
 """
 
 from __future__ import annotations
@@ -78,18 +84,29 @@ def adapter_param_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64 for small exact reductions (diagnostics), except where the device has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class AdapterMethod(nn.Module, ABC):
     """One adapter method's trainable tensors and math.
 
     Subclasses set `method` (the registry/policy name), take `in_features`, `out_features`
     positionally and their hyper-parameters keyword-only (the signature is the policy schema),
-    and implement `forward` and `delta_weight`.
+    and implement `forward` and `delta_weight`. Every other hook has an exact default built
+    on `delta_weight`; override one only to make it cheaper or to add state.
+
+    Hooks that read the base weight take it as `weight`: the unmerged `W0` in `(out, in)`
+    layout and in the adapter's dtype (`AdapterLinear.unmerged_base_weight()`).
     """
 
     method: ClassVar[str] = ""
     # Optimizer role of each parameter, by attribute name (LoRA: `{"lora_A": "A", "lora_B": "B"}`).
     # Per-rule optimizer settings use it without knowing the method (LoRA+'s rate for `B`).
     parameter_roles: ClassVar[dict[str, str]] = {}
+    #: Names of the scalars `extra_diagnostics` returns (the diagnostics table has a column for each).
+    diagnostic_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -97,12 +114,15 @@ class AdapterMethod(nn.Module, ABC):
         self.out_features = out_features
 
     @classmethod
-    @abstractmethod
     def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
-        """Trainable parameters for a layer of this shape, without building it (used by plans)."""
+        """Trainable parameters for a layer of this shape: a meta-device instance, so no memory."""
+        with torch.device("meta"):
+            return cls(in_features, out_features, **hparams).num_trainable_parameters()
 
-    def init_from_base(self, layer: AdapterLinear) -> None:
-        """Hook run once the base layer is attached (DoRA reads W0 here)."""
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- math ----------------------------------------------------------------------------
 
     @abstractmethod
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
@@ -120,11 +140,52 @@ class AdapterMethod(nn.Module, ABC):
         """Invert `merge_weight`; additive methods' delta does not depend on W0."""
         return merged - self.delta_weight(merged)
 
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def init_from_base(self, layer: AdapterLinear) -> None:
+        """Hook run once the base layer is attached (and not on `meta`): derive state from W0 here."""
+
+    def refresh_from_base(self, layer: AdapterLinear) -> bool:
+        """Hook run at fit start: re-derive W0-based state if W0 changed after injection.
+
+        Returns whether anything changed. State that was trained or restored must be kept.
+        """
+        return False
+
+    # -- diagnostics ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_singular_values(self, weight: Tensor) -> Tensor:
+        """Singular values of the update `W_eff - W0` (any order; zeros may be left out).
+
+        Default: `svdvals` of the dense update in fp32. Override with an exact cheaper route.
+        """
+        return torch.linalg.svdvals(self.delta_weight(weight).detach().float())
+
+    @torch.no_grad()
+    def row_update(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per output row `i`: `(||dV_i||^2, <dV_i, W0_i>, g)` where the effective row is
+        `W0_i + dV_i` (`g` is None) or, for a method that rescales rows, `g_i (W0_i + dV_i) / ||W0_i + dV_i||`.
+
+        Default: `dV = delta_weight(W0)` from the dense update.
+        """
+        dw = self.delta_weight(weight).detach().float()
+        return (dw * dw).sum(1), (dw * weight.detach().float()).sum(1), None
+
+    def extra_diagnostics(self, weight: Tensor, row_norms: Tensor) -> dict[str, Tensor]:
+        """Method-specific 0-d diagnostics, keyed by `diagnostic_names` (`row_norms`: `||W0_i||`)."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def diagnostic_names() -> tuple[str, ...]:
+    """Every registered method's extra diagnostic names, in registration order, without repeats."""
+    names: dict[str, None] = {}
+    for cls in ADAPTERS.values():
+        names.update(dict.fromkeys(cls.diagnostic_names))
+    return tuple(names)
 
 
 def supported_layer_types() -> tuple[type, ...]:
@@ -200,12 +261,15 @@ class AdapterLinear(nn.Module):
         return self.adapter(x, base_out, self)
 
     @torch.no_grad()
+    def unmerged_base_weight(self) -> Tensor:
+        """`W0` in `(out, in)` layout and the adapter's dtype, whether or not the layer is merged."""
+        w0 = self.base_weight().detach().to(self.adapter_dtype)
+        return self.adapter.unmerge_weight(w0) if self.merged else w0
+
+    @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """Dense `(out, in)` effective update `W_eff - W0` (fp32 for half-precision bases)."""
-        w0 = self.base_weight()
-        if self.merged:
-            w0 = self.adapter.unmerge_weight(w0.to(self.adapter_dtype))
-        return self.adapter.delta_weight(w0.to(self.adapter_dtype))
+        return self.adapter.delta_weight(self.unmerged_base_weight())
 
     @property
     def adapter_dtype(self) -> torch.dtype:

@@ -2,23 +2,28 @@
 
     V' = W0 + s B A,   n = ||V'||_row (detached),   W' = (m / n) * V'
 
-Semantics follow HF peft exactly (reference/dora.md §1): the norm is over each output row of
-the `(out, in)` weight and is treated as a constant (paper §4.3); dropout only hits the
-delta; the bias is not rescaled; `m` starts at the row norm of the *current* effective
-weight, so the layer equals its base (or its LoRA output, if B != 0) at initialisation.
+Semantics follow HF peft exactly: the norm is over each output row of the `(out, in)`
+weight and is treated as a constant (paper §4.3); dropout only hits the delta; the bias is
+not rescaled; `m` starts at the row norm of the *current* effective weight, so the layer
+equals its base (or its LoRA output, if B != 0) at initialisation.
 
 Unlike peft, the training forward never builds an `out x in` matrix. The row norm uses
 
     n_i^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2
 
-where `||W0_i||^2` is cached (W0 is frozen), `W0 A^T` is an `(out, r)` product and
-`||(BA)_i||^2` needs only the `r x r` Gram matrix `A A^T` (reference/dora.md §1.5).
+where `W0 A^T` is an `(out, r)` product and `||(BA)_i||^2` needs only the `r x r` Gram
+matrix `A A^T` (docs/methods.md). Nothing is cached from tensor addresses or version
+counters, so the module is safe under sharding (DTensor), `.to()`, parameter reassignment
+and `torch.compile`. The one cache, `m / n` for inference-mode forwards (generation reuses
+it every token), is dropped explicitly: by `train()`/`eval()`, `.to()`, `load_state_dict`,
+merge/unmerge, any forward with gradients, and `invalidate_cache()`.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,39 @@ from .lora import LowRankFactors
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
+
+try:  # sharded parameters (FSDP2 / ModelParallelStrategy)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor: gathered from the ranks for a DTensor (a collective), else `t` itself."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _assign(param: Tensor, value: Tensor) -> None:
+    """`param <- value` for a plain or sharded parameter (`value` is the whole tensor on every rank)."""
+    if DTensor is not None and isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
+@torch.no_grad()
+def dora_row_norms(w0: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, eps: float) -> Tensor:
+    """Row norms of `W0 + s B A` (fp32, fp64 for fp64 bases; `(out,)`) without building `out x in`."""
+    dtype = torch.promote_types(w0.dtype, torch.float32)
+    a, b = lora_A.to(dtype), lora_B.to(dtype)  # (r, in), (out, r)
+    if w0.dtype == torch.float16:  # fp16's range is small: the cross term could overflow
+        w0a = F.linear(w0.to(dtype), a)  # (out, r) = W0 A^T
+    else:
+        w0a = F.linear(w0, lora_A.to(w0.dtype)).to(dtype)  # (out, r) = W0 A^T
+    # n_i^2 - ||W0_i||^2 = sum_k B[i,k] * (2s (W0 A^T)[i,k] + s^2 (B A A^T)[i,k]): one addmm, one dot
+    inner = torch.addmm(w0a, b, a @ a.t(), beta=2 * scaling, alpha=scaling * scaling)  # (out, r)
+    base_sq = torch.linalg.vector_norm(w0, dim=1, dtype=dtype).square()  # one pass over W0: cheaper than W0 A^T
+    n_sq = torch.linalg.vecdot(b, inner).add_(base_sq)
+    return n_sq.clamp_min_(0).sqrt_().clamp_min_(eps)
 
 
 @register_adapter
@@ -41,6 +79,7 @@ class DoRA(LowRankFactors):
 
     method = "dora"
     parameter_roles = {"lora_A": "A", "lora_B": "B", "magnitude": "magnitude"}
+    diagnostic_names = ("dora_scale_norm", "dora_lowrank_norm")
 
     def __init__(
         self,
@@ -59,101 +98,93 @@ class DoRA(LowRankFactors):
         self.eps = float(eps)
         # fp32 master copy regardless of the base dtype; cast to the activations' dtype in forward.
         self.magnitude = nn.Parameter(torch.ones(out_features))  # (out,)
-        self._w0_sq: Tensor | None = None
-        self._w0_key: tuple | None = None
+        # The value `m` was initialised to: `m` still equal to it was never trained nor restored.
+        self.register_buffer("magnitude_at_init", None, persistent=False)
         self._merge_norm: Tensor | None = None
         self._eval_scale: Tensor | None = None
-        self._eval_key: tuple | None = None
-        self._init_state: tuple | None = None
+        self._eval_inputs: tuple = ()
 
-    @classmethod
-    def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
-        return super().count_parameters(in_features, out_features, **hparams) + out_features
+    # -- the inference cache -------------------------------------------------------------
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached `m / n` (call after editing parameters in place under inference mode)."""
+        self._eval_scale, self._eval_inputs = None, ()
+
+    def train(self, mode: bool = True) -> DoRA:
+        self.invalidate_cache()
+        return super().train(mode)
 
     def _apply(self, fn, recurse=True):
-        # Device/dtype moves invalidate the cached norms.
-        self._w0_sq = self._w0_key = self._eval_scale = self._eval_key = None
+        self.invalidate_cache()  # device/dtype moves
         return super()._apply(fn, recurse)
 
-    # -- norms ---------------------------------------------------------------------------
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.invalidate_cache()  # runs for any load_state_dict on an enclosing module
+        super()._load_from_state_dict(*args, **kwargs)
 
-    def _base_row_sq(self, w0: Tensor) -> Tensor:
-        """`||W0_i||^2` in fp32 (fp64 for fp64 bases), recomputed only when W0 changes (tracked by its version)."""
-        key = (w0.data_ptr(), w0._version, w0.dtype, w0.device)
-        if self._w0_key != key or self._w0_sq is None:
-            dtype = torch.promote_types(w0.dtype, torch.float32)
-            self._w0_sq = torch.linalg.vector_norm(w0, dim=1, dtype=dtype).square()
-            self._w0_key = key
-        return self._w0_sq
+    def _cached_scale(self, weight: Tensor, w0: Tensor, dtype: torch.dtype) -> Tensor:
+        """`m / n` in `dtype`, computed once per inference-mode phase for these very parameter objects."""
+        live = (self.lora_A, self.lora_B, self.magnitude, weight)
+        fresh = len(self._eval_inputs) == len(live) and all(
+            ref() is t for ref, t in zip(self._eval_inputs, live, strict=True)
+        )
+        if not fresh or self._eval_scale is None or self._eval_scale.dtype != dtype:
+            self._eval_scale = (self.magnitude / self.weight_norm(w0)).to(dtype)
+            self._eval_inputs = tuple(weakref.ref(t) for t in live)
+        return self._eval_scale
 
-    @torch.no_grad()
+    # -- norms and the magnitude ---------------------------------------------------------
+
     def weight_norm(self, w0: Tensor) -> Tensor:
         """Row norms of `W0 + s B A` (fp32 or fp64, `(out,)`) without materialising `out x in`."""
-        dtype = torch.promote_types(w0.dtype, torch.float32)
-        a = self.lora_A.to(dtype)  # (r, in)
-        b = self.lora_B.to(dtype)  # (out, r)
-        s = self.scaling
-        if w0.dtype == torch.float16:  # fp16's range is small: the cross term could overflow
-            w0a = F.linear(w0.to(dtype), a)  # (out, r) = W0 A^T
-        else:
-            w0a = F.linear(w0, self.lora_A.to(w0.dtype)).to(dtype)  # (out, r) = W0 A^T
-        # n_i^2 - ||W0_i||^2 = sum_k B[i,k] * (2s (W0 A^T)[i,k] + s^2 (B A A^T)[i,k]): one addmm, one dot
-        inner = torch.addmm(w0a, b, a @ a.t(), beta=2 * s, alpha=s * s)  # (out, r)
-        n_sq = torch.linalg.vecdot(b, inner).add_(self._base_row_sq(w0))
-        return n_sq.clamp_min_(0).sqrt_().clamp_min_(self.eps)
+        return dora_row_norms(w0, self.lora_A, self.lora_B, self.scaling, self.eps)
 
     def init_from_base(self, layer: AdapterLinear) -> None:
         self.reset_magnitude(layer)
 
     @torch.no_grad()
-    def reset_magnitude(self, layer: AdapterLinear) -> None:
-        """Set `m` to the row norm of the current effective weight (call after loading new W0)."""
-        w0 = layer.base_weight()
-        norm = self.weight_norm(w0)
+    def _magnitude_from(self, layer: AdapterLinear) -> Tensor:
+        """Row norms of the current effective weight (whole tensors, also when sharded), zero rows at 0."""
+        w0 = _full(layer.base_weight())
+        norm = dora_row_norms(w0, _full(self.lora_A), _full(self.lora_B), self.scaling, self.eps)
         zero_rows = int((norm <= self.eps).sum())
         if zero_rows:
             name = getattr(layer, "name", "") or f"{self.in_features}->{self.out_features} layer"
             warnings.warn(
                 f"DoRA: {zero_rows} weight row(s) of {name} have zero norm; they are floored at eps={self.eps} "
                 "and stay at zero during training",
-                stacklevel=2,
+                stacklevel=3,
             )
-        self.magnitude.copy_(torch.where(norm <= self.eps, torch.zeros_like(norm), norm))
-        self._init_state = (w0.data_ptr(), w0._version, self.magnitude.detach().clone())
+        return torch.where(norm <= self.eps, torch.zeros_like(norm), norm)
 
     @torch.no_grad()
-    def refresh_if_base_changed(self, layer: AdapterLinear) -> bool:
-        """Re-initialise `m` when W0 changed since init and `m` was never trained or restored.
+    def reset_magnitude(self, layer: AdapterLinear) -> None:
+        """Set `m` to the row norm of the current effective weight (call after loading new W0)."""
+        value = self._magnitude_from(layer)
+        _assign(self.magnitude, value)
+        self.magnitude_at_init = _full(self.magnitude).detach().clone()
+        self.invalidate_cache()
+
+    @torch.no_grad()
+    def refresh_from_base(self, layer: AdapterLinear) -> bool:
+        """Re-initialise `m` when it still holds its init value but W0 (or A, B) changed since.
 
         Covers pretrained weights loaded after injection (e.g. in `LightningModule.setup`): the
         magnitude must be the row norm of the weights actually trained on. A trained or
-        checkpoint-restored `m` differs from its init value and is never touched.
+        checkpoint-restored `m` differs from its init value and is never touched. Compares
+        values, never addresses, so it is exact under sharding (gathers: call on every rank).
         """
-        if self._init_state is None:
+        m0 = self.magnitude_at_init
+        m = _full(self.magnitude).detach()
+        if m0 is None or m0.shape != m.shape or not torch.equal(m, m0.to(m.device, m.dtype)):
             return False
-        ptr, version, m0 = self._init_state
-        w0 = layer.base_weight()
-        if (w0.data_ptr(), w0._version) == (ptr, version) or not torch.equal(self.magnitude.detach(), m0):
+        value = self._magnitude_from(layer).to(m.dtype)
+        if torch.equal(value, m):
             return False
-        self.reset_magnitude(layer)
+        _assign(self.magnitude, value)
+        self.magnitude_at_init = _full(self.magnitude).detach().clone()
+        self.invalidate_cache()
         return True
-
-    def scale(self, w0: Tensor, dtype: torch.dtype) -> Tensor:
-        """`c = m / n` as an `(out,)` vector in the activations' dtype; cached in eval mode."""
-        if self.training or torch.is_grad_enabled():
-            return (self.magnitude / self.weight_norm(w0)).to(dtype)
-        key = (
-            self.lora_A._version,
-            self.lora_B._version,
-            self.magnitude._version,
-            w0.data_ptr(),
-            w0._version,
-            dtype,
-        )
-        if self._eval_key != key or self._eval_scale is None:
-            self._eval_scale = (self.magnitude / self.weight_norm(w0)).to(dtype)
-            self._eval_key = key
-        return self._eval_scale
 
     # -- forward and merge ---------------------------------------------------------------
 
@@ -162,7 +193,7 @@ class DoRA(LowRankFactors):
 
         This equals peft's `base + (c - 1) W0 x_d + c s B A x_d` but saves one `T x out`
         tensor for backward instead of two (`_ScaleRows`), and reuses the base output when
-        there is no dropout (reference/dora.md §1.5 items 6-7).
+        there is no dropout (docs/methods.md).
         """
         w0 = layer.base_weight()
         bias = layer.bias
@@ -176,9 +207,13 @@ class DoRA(LowRankFactors):
             rest = base_out - plain
         z = self.add_lora_delta(plain, x_d)  # W0 x_d + s B A x_d
         if torch.is_grad_enabled() and (self.magnitude.requires_grad or z.requires_grad):
+            if self._eval_scale is not None:
+                self.invalidate_cache()  # a forward with gradients may be followed by an update
             y = _ScaleRows.apply(z, self.magnitude, self.weight_norm(w0))
+        elif not self.training and torch.is_inference_mode_enabled():
+            y = z * self._cached_scale(layer.base.weight, w0, z.dtype)
         else:
-            y = z * self.scale(w0, z.dtype)
+            y = z * (self.magnitude / self.weight_norm(w0)).to(z.dtype)
         return y if rest is None else y + rest
 
     def _direction(self, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,15 +228,37 @@ class DoRA(LowRankFactors):
     def merge_weight(self, weight: Tensor) -> Tensor:
         v, n = self._direction(weight)
         self._merge_norm = n  # n cannot be recovered from the merged weight (peft does the same)
+        self.invalidate_cache()
         return (self.magnitude.to(weight.dtype) / n).unsqueeze(1) * v
 
     def unmerge_weight(self, merged: Tensor) -> Tensor:
         if self._merge_norm is None:
             raise RuntimeError("DoRA layer was not merged in this process; cannot unmerge")
+        self.invalidate_cache()
         m = self.magnitude.to(merged.dtype)
         safe_m = torch.where(m == 0, torch.ones_like(m), m)
         scale = (self._merge_norm.to(merged.dtype) / safe_m).unsqueeze(1)
         return merged * scale - self.low_rank_weight().to(merged.dtype)
+
+    # -- diagnostics ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def row_update(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Rows of `V = W0 + sBA` (the direction) and the learned magnitude: `W'_i = m_i V_i / ||V_i||`."""
+        dv_sq, dot, _ = super().row_update(weight)
+        return dv_sq, dot, self.magnitude.detach()
+
+    @torch.no_grad()
+    def extra_diagnostics(self, weight: Tensor, row_norms: Tensor) -> dict[str, Tensor]:
+        """Norms of `(c-1)⊙W0` and `c⊙sBA` (`c = m / ||W0 + sBA||_row`), from `(out, r)` products."""
+        dtype = row_norms.dtype
+        c = self.magnitude.detach().to(dtype) / self.weight_norm(weight.detach()).to(dtype)
+        a, b = self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype)
+        ba_sq = ((b @ (a @ a.t())) * b).sum(1).clamp_min(0)
+        return {
+            "dora_scale_norm": ((c - 1).square() * row_norms.square()).sum().sqrt(),
+            "dora_lowrank_norm": (c.square() * ba_sq).sum().sqrt() * abs(self.scaling),
+        }
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}"

@@ -4,18 +4,21 @@
 
 A is Kaiming-uniform (as `nn.Linear`'s default init, so it matches HF peft), B is zero,
 so the layer equals its base at initialisation. Dropout only touches the delta path.
+
+Diagnostics never build the `out x in` update: its singular values come from two thin QRs
+and an `r x r` SVD, its row terms from `(out, r)` products (docs/methods.md).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterMethod, check_dropout, check_rank, register_adapter
+from .base import AdapterMethod, accumulation_dtype, check_dropout, check_rank, register_adapter
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
@@ -53,10 +56,6 @@ class LowRankFactors(AdapterMethod):
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
         self.reset_parameters()
 
-    @classmethod
-    def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
-        return check_rank(hparams.get("r", 8)) * (in_features + out_features)
-
     def reset_parameters(self) -> None:
         """Kaiming-uniform A (peft's default), zero B: the update starts at exactly zero."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -71,6 +70,14 @@ class LowRankFactors(AdapterMethod):
 
     def low_rank_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    @torch.no_grad()
+    def row_update(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`||s (BA)_i||^2` and `<s (BA)_i, W0_i>` from `(out, r)` products: no `out x in` matrix."""
+        a, b, s = self.lora_A.detach().float(), self.lora_B.detach().float(), self.scaling
+        dot = s * ((weight.detach().float() @ a.t()) * b).sum(1)  # (out,)
+        dv_sq = s * s * ((b @ (a @ a.t())) * b).sum(1)  # (out,)
+        return dv_sq, dot, None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}"
@@ -87,3 +94,16 @@ class LoRA(LowRankFactors):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.low_rank_weight().to(weight.dtype)
+
+    @torch.no_grad()
+    def update_singular_values(self, weight: Tensor) -> Tensor:
+        """`sigma(s B A) = s sigma(R_B R_A^T)` with `B = Q_B R_B`, `A^T = Q_A R_A`: an `r x r` SVD."""
+        return lora_singular_values(self.lora_A, self.lora_B, self.scaling)
+
+
+def lora_singular_values(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """Singular values of `scaling * B @ A` from two thin QRs and an `r x r` SVD."""
+    dtype = accumulation_dtype(lora_A.device)
+    _, r_b = torch.linalg.qr(lora_B.detach().to(dtype))  # (min(out, r), r)
+    _, r_a = torch.linalg.qr(lora_A.detach().to(dtype).t())  # (min(in, r), r)
+    return torch.linalg.svdvals(r_b @ r_a.t()) * abs(scaling)

@@ -3,20 +3,25 @@
     y = W0 x + b + f_decomp(M f_comp(dropout(x))),   M in R^{R x R}, zero-initialised
 
 `R` (`r_hat`) is chosen so that `R^2 ~ (in + out) * r`, the parameter count of LoRA rank `r`
-(reference rounding: round half up; even for the RoPE variant). There is no alpha: the
-learning rate alone sets the update size. The fixed, parameter-free operators are
-(reference/mora.md §4; `k` = in, `d` = out, `n = ceil(k / R)`):
+(the reference code's rounding: round half up; even for the RoPE variant). There is no
+alpha: the learning rate alone sets the update size. The fixed, parameter-free operators
+(`k` = in, `d` = out, `n = ceil(k / R)`; docs/methods.md):
 
-| variant      | ref. type | f_comp (k -> R)                       | f_decomp (R -> d)           |
+| variant      | ref. type | f_comp (k -> slots)                   | f_decomp (slots -> d)       |
 | ------------ | --------- | ------------------------------------- | --------------------------- |
 | `sharing`    | 1         | wrap-pad to nR, sum the n chunks      | tile                        |
 | `type2`      | 2         | contiguous block sums                 | repeat-interleave           |
 | `type3`      | 3         | contiguous block sums                 | tile                        |
 | `type4`      | 4         | wrap-pad, sum the n chunks            | repeat-interleave           |
-| `rope`       | 6         | wrap-pad, split in n chunks, rotate   | concat, truncate or tile    |
-|              |           | chunk i by angles i * 10000^(-2q/R)   | with period nR              |
+| `rope`       | 6         | wrap-pad to nR, M acts on each chunk  | tile with period nR         |
+|              |           | as `P_i = M Rot_i`, angles            | (concat, truncate or tile)  |
+|              |           | `i * 10000^(-2q/R)`                   |                             |
 | `decouple`   | (Eq. 8)   | as `rope` without the rotation        | as `rope`                   |
 | `truncation` | (Eq. 4)   | first R inputs                        | zero-pad                    |
+
+Each variant is one `Variant` record in `OPERATORS`: a compression and a decompression, each
+a fast forward function plus its dense index map. The forward, the dense update and the
+exact singular values are all written once against these records.
 
 Wrap padding repeats the input (`x~_p = x_{p mod k}`), so shapes where the reference would
 crash (`pad > k`, a single RoPE chunk) are served. `auto` picks `rope` for `r < 128` and
@@ -26,48 +31,27 @@ crash (`pad > k`, a single RoPE chunk) are served. `auto` picks `rope` for `r < 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterMethod, check_dropout, check_rank, register_adapter
+from .base import AdapterMethod, accumulation_dtype, check_dropout, check_rank, register_adapter
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
 
-VARIANTS = ("sharing", "type2", "type3", "type4", "rope", "decouple", "truncation")
-_TYPE_ALIASES = {1: "sharing", 2: "type2", 3: "type3", 4: "type4", 6: "rope"}
 AUTO_ROPE_BELOW_RANK = 128
 
 
-def resolve_variant(mora_type: str | int, r: int) -> str:
-    """Canonical variant name for a `mora_type` given as a name, a reference type number or `auto`."""
-    if isinstance(mora_type, int) and not isinstance(mora_type, bool) and mora_type in _TYPE_ALIASES:
-        return _TYPE_ALIASES[mora_type]
-    if mora_type == "auto":
-        return "rope" if r < AUTO_ROPE_BELOW_RANK else "sharing"
-    if mora_type in VARIANTS:
-        return str(mora_type)
-    raise ValueError(
-        f"Unknown `mora_type` {mora_type!r}; choose 'auto', one of {list(VARIANTS)} "
-        f"or a reference type {sorted(_TYPE_ALIASES)}"
-    )
-
-
-def mora_rank(in_features: int, out_features: int, r: int, variant: str) -> int:
-    """Side `R` of M from LoRA rank `r`: round half up, then even for `rope` (reference code)."""
-    r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
-    if variant == "rope":
-        r_hat = 2 * (r_hat // 2)
-    if r_hat < (2 if variant == "rope" else 1):
-        raise ValueError(f"MoRA rank r={r} is too small for a {in_features}->{out_features} layer (r_hat={r_hat})")
-    return r_hat
+# -- the fixed maps ----------------------------------------------------------------------
 
 
 def _wrap_pad(x: Tensor, total: int) -> Tensor:
-    """`x~_p = x_{p mod k}` for p < total (repeats x when the padding exceeds k)."""
+    """`x~_p = x_{p mod k}` for p < total (repeats x when the padding exceeds k; truncates if shorter)."""
     k = x.shape[-1]
     if total <= k:
         return x[..., :total]
@@ -96,8 +80,22 @@ def block_index(n: int, blocks: int, device: torch.device) -> Tensor:
     return torch.where(t < m * (q + 1), head, tail)
 
 
+def _strided_sum(x: Tensor, r_hat: int, chunks: int) -> Tensor:
+    """`z_i = sum_c x~_{cR+i}`: a view-and-sum over the whole chunks plus one wrapped chunk."""
+    k = x.shape[-1]
+    whole = k // r_hat
+    rem = k - whole * r_hat
+    if whole == 0 or r_hat - rem > k:  # padding longer than the input: generic wrap
+        x = _wrap_pad(x, chunks * r_hat)
+        return x.reshape(*x.shape[:-1], chunks, r_hat).sum(-2)
+    z = x[..., : whole * r_hat].unflatten(-1, (whole, r_hat)).sum(-2)  # a view of x, no copy
+    if rem:
+        z = z + torch.cat([x[..., whole * r_hat :], x[..., : r_hat - rem]], dim=-1)
+    return z
+
+
 def _interleave(u: Tensor, size: int) -> Tensor:
-    """Repeat each of the R entries of `u` over a contiguous block of the `size` outputs."""
+    """Repeat each of the S entries of `u` over a contiguous block of the `size` outputs."""
     r = u.shape[-1]
     q, m = divmod(size, r)
     lead = u.shape[:-1]
@@ -106,27 +104,129 @@ def _interleave(u: Tensor, size: int) -> Tensor:
     return torch.cat([big, small], dim=-1)
 
 
-def _tile(u: Tensor, size: int) -> Tensor:
-    """`h_j = u_{j mod len(u)}` for j < size."""
-    return _wrap_pad(u, size)
-
-
 def _add_tiled(out: Tensor, u: Tensor) -> Tensor:
     """`out + tile(u)` with a broadcast add over whole tiles (the tile is never materialised)."""
-    d, r_hat = out.shape[-1], u.shape[-1]
-    whole = d // r_hat
+    d, period = out.shape[-1], u.shape[-1]
+    whole = d // period
     if whole == 0:
         return out + u[..., :d]
-    head = (out[..., : whole * r_hat].unflatten(-1, (whole, r_hat)) + u.unsqueeze(-2)).flatten(-2)
-    if whole * r_hat == d:
+    head = (out[..., : whole * period].unflatten(-1, (whole, period)) + u.unsqueeze(-2)).flatten(-2)
+    if whole * period == d:
         return head
-    return torch.cat([head, out[..., whole * r_hat :] + u[..., : d - whole * r_hat]], dim=-1)
+    return torch.cat([head, out[..., whole * period :] + u[..., : d - whole * period]], dim=-1)
 
 
-def rotate_half(c: Tensor) -> Tensor:
-    """HF-style half-split rotation partner: `[-c[h:], c[:h]]` (pairs q with q + R/2)."""
-    h = c.shape[-1] // 2
-    return torch.cat([-c[..., h:], c[..., :h]], dim=-1)
+def _zero_pad(u: Tensor, size: int) -> Tensor:
+    return u[..., :size] if size <= u.shape[-1] else F.pad(u, (0, size - u.shape[-1]))
+
+
+# -- operator records --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compression:
+    """`f_comp`: `k` inputs -> `S` slots, a fixed 0/1 map `C (S x k)`.
+
+    `apply(x, R, n)` is the fast forward; `pairs(k, R, n, device)` lists every 1 of `C` as
+    `(input columns, slots)`.
+    """
+
+    apply: Callable[[Tensor, int, int], Tensor]
+    pairs: Callable[[int, int, int, torch.device], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Decompression:
+    """`f_decomp`: `S` slots -> `d` outputs, a fixed map `D (d x S)` with at most one 1 per row.
+
+    `add(out, u)` is the fast forward `out + f_decomp(u)`; `index(d, S, device)` is the slot
+    each output copies (-1: the output stays zero).
+    """
+
+    add: Callable[[Tensor, Tensor], Tensor]
+    index: Callable[[int, int, torch.device], Tensor]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One MoRA variant: `dW = D core C`, with `core = M` (S = R), or for `chunked` variants
+    `core = blockdiag(P_0 .. P_{n-1})` (S = nR), `P_i = M Rot_i` (`rotate`) or `M`."""
+
+    compress: Compression
+    decompress: Decompression
+    chunked: bool = False
+    rotate: bool = False
+    ref_type: int | None = None
+
+
+def _strided_pairs(k: int, r_hat: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    p = torch.arange(n * r_hat, device=device)  # padded position p reads x_{p mod k}, feeds z_{p mod R}
+    return p % k, p % r_hat
+
+
+def _chunk_pairs(k: int, r_hat: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    p = torch.arange(n * r_hat, device=device)  # padded position p reads x_{p mod k}, is slot p
+    return p % k, p
+
+
+STRIDED = Compression(_strided_sum, _strided_pairs)
+BLOCKS = Compression(
+    lambda x, r_hat, n: _block_sums(x, r_hat),
+    lambda k, r_hat, n, dev: (torch.arange(k, device=dev), block_index(k, r_hat, dev)),
+)
+CHUNKS = Compression(lambda x, r_hat, n: _wrap_pad(x, n * r_hat), _chunk_pairs)
+FIRST = Compression(
+    lambda x, r_hat, n: _zero_pad(x, r_hat),
+    lambda k, r_hat, n, dev: (torch.arange(min(k, r_hat), device=dev),) * 2,
+)
+TILE = Decompression(_add_tiled, lambda d, s, dev: torch.arange(d, device=dev) % s)
+INTERLEAVE = Decompression(lambda out, u: out + _interleave(u, out.shape[-1]), block_index)
+ZERO_PAD = Decompression(
+    lambda out, u: out + _zero_pad(u, out.shape[-1]),
+    lambda d, s, dev: torch.where(torch.arange(d, device=dev) < s, torch.arange(d, device=dev), -1),
+)
+
+OPERATORS: dict[str, Variant] = {
+    "sharing": Variant(STRIDED, TILE, ref_type=1),
+    "type2": Variant(BLOCKS, INTERLEAVE, ref_type=2),
+    "type3": Variant(BLOCKS, TILE, ref_type=3),
+    "type4": Variant(STRIDED, INTERLEAVE, ref_type=4),
+    "rope": Variant(CHUNKS, TILE, chunked=True, rotate=True, ref_type=6),
+    "decouple": Variant(CHUNKS, TILE, chunked=True),
+    "truncation": Variant(FIRST, ZERO_PAD),
+}
+VARIANTS = tuple(OPERATORS)
+_TYPE_ALIASES = {v.ref_type: name for name, v in OPERATORS.items() if v.ref_type is not None}
+
+
+def resolve_variant(mora_type: str | int, r: int) -> str:
+    """Canonical variant name for a `mora_type` given as a name, a reference type number or `auto`."""
+    if isinstance(mora_type, int) and not isinstance(mora_type, bool) and mora_type in _TYPE_ALIASES:
+        return _TYPE_ALIASES[mora_type]
+    if mora_type == "auto":
+        return "rope" if r < AUTO_ROPE_BELOW_RANK else "sharing"
+    if mora_type in OPERATORS:
+        return str(mora_type)
+    raise ValueError(
+        f"Unknown `mora_type` {mora_type!r}; choose 'auto', one of {list(VARIANTS)} "
+        f"or a reference type {sorted(_TYPE_ALIASES)}"
+    )
+
+
+def mora_rank(in_features: int, out_features: int, r: int, variant: str) -> int:
+    """Side `R` of M from LoRA rank `r`: round half up, then even when rotating (reference code)."""
+    rotate = OPERATORS[variant].rotate
+    r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
+    if rotate:
+        r_hat = 2 * (r_hat // 2)
+    if r_hat < (2 if rotate else 1):
+        raise ValueError(f"MoRA rank r={r} is too small for a {in_features}->{out_features} layer (r_hat={r_hat})")
+    return r_hat
+
+
+def _psd_sqrt(g: Tensor) -> Tensor:
+    vals, vecs = torch.linalg.eigh(g)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.t()
 
 
 @register_adapter
@@ -148,20 +248,17 @@ class MoRA(AdapterMethod):
         self.r = check_rank(r)
         self.dropout_p = check_dropout(dropout)
         self.variant = resolve_variant(mora_type, r)
+        self.ops = OPERATORS[self.variant]
         self.r_hat = mora_rank(in_features, out_features, r, self.variant)
         self.chunks = -(-in_features // self.r_hat)  # n = ceil(k / R)
+        self.slots = self.chunks * self.r_hat if self.ops.chunked else self.r_hat  # S
         self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
         self.mora_M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat))  # (R, R)
-        cos, sin = self._rope_tables() if self.variant == "rope" else (torch.empty(0), torch.empty(0))
+        cos, sin = self._rope_tables() if self.ops.rotate else (torch.empty(0), torch.empty(0))
         # Buffers (not plain attributes) so they follow .to(); not saved: they are derived.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-
-    @classmethod
-    def count_parameters(cls, in_features: int, out_features: int, **hparams: Any) -> int:
-        r = check_rank(hparams.get("r", 8))
-        variant = resolve_variant(hparams.get("mora_type", "auto"), r)
-        return mora_rank(in_features, out_features, r, variant) ** 2
+        self._grams: tuple[Tensor, Tensor] | None = None  # fixed per shape: computed once for diagnostics
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.mora_M)
@@ -173,100 +270,120 @@ class MoRA(AdapterMethod):
         angles = torch.cat([angles, angles], dim=-1)  # (n, R)
         return angles.cos(), angles.sin()
 
-    # -- operators -----------------------------------------------------------------------
+    # -- the core: M, or one block per chunk ---------------------------------------------
 
-    def _chunks(self, x: Tensor) -> Tensor:
-        """Wrap-pad to nR and split into `(..., n, R)` chunks (a view when no padding is needed)."""
-        x = _wrap_pad(x, self.chunks * self.r_hat)
-        return x.reshape(*x.shape[:-1], self.chunks, self.r_hat)
-
-    def _strided_sum(self, x: Tensor) -> Tensor:
-        """`z_i = sum_c x~_{cR+i}`: a view-and-sum over the whole chunks plus one wrapped chunk."""
-        k, r_hat = self.in_features, self.r_hat
-        whole = k // r_hat
-        rem = k - whole * r_hat
-        if whole == 0 or r_hat - rem > k:  # padding longer than the input: generic wrap
-            return self._chunks(x).sum(-2)
-        z = x[..., : whole * r_hat].unflatten(-1, (whole, r_hat)).sum(-2)  # a view of x, no copy
-        if rem:
-            z = z + torch.cat([x[..., whole * r_hat :], x[..., : r_hat - rem]], dim=-1)
-        return z
-
-    def _rope_blocks(self, m: Tensor) -> Tensor:
-        """`P_i = M Rot_i` for every chunk, `(n, R, R)`: the rotation folded into M once per call.
+    def chunk_blocks(self, m: Tensor) -> Tensor:
+        """`P_i = M Rot_i` for every chunk, `(n, R, R)` (a view of M when not rotated).
 
         Column q of `M Rot_i` is `M[:, q] cos + M[:, q+h] sin`, column q+h is
-        `M[:, q+h] cos - M[:, q] sin` (half-split pairing, reference/mora.md §4.3).
+        `M[:, q+h] cos - M[:, q] sin` (half-split pairing, as the reference code).
         """
+        if not self.ops.rotate:
+            return m.expand(self.chunks, -1, -1)
         h = self.r_hat // 2
         m_rot = torch.cat([m[:, h:], -m[:, :h]], dim=1)
         cos, sin = self.rope_cos.to(m.dtype)[:, None, :], self.rope_sin.to(m.dtype)[:, None, :]
         return m * cos + m_rot * sin
 
-    def _rope_delta(self, x: Tensor, m: Tensor) -> Tensor:
-        """Per-chunk products `y_i = P_i c_i` as one batched matmul; returns `(..., nR)`."""
-        blocks = self._rope_blocks(m) if self.variant == "rope" else m.expand(self.chunks, -1, -1)
-        c = self._chunks(x)  # (..., n, R)
-        lead = c.shape[:-2]
-        c = c.reshape(-1, self.chunks, self.r_hat).transpose(0, 1)  # (n, T, R)
-        y = torch.bmm(c, blocks.transpose(1, 2))  # (n, T, R)
-        return y.transpose(0, 1).reshape(*lead, self.chunks * self.r_hat)
+    def _core(self, z: Tensor, m: Tensor) -> Tensor:
+        """`core z` for compressed inputs `z (..., S)`: `M z`, or `P_i z_i` per chunk as one batched matmul."""
+        if not self.ops.chunked:
+            return F.linear(z, m)
+        lead = z.shape[:-1]
+        c = z.reshape(-1, self.chunks, self.r_hat).transpose(0, 1)  # (n, T, R)
+        y = torch.bmm(c, self.chunk_blocks(m).transpose(1, 2))  # (n, T, R)
+        return y.transpose(0, 1).reshape(*lead, self.slots)
+
+    def _dense_core(self, m: Tensor) -> Tensor:
+        """The core as an `(S, S)` matrix."""
+        return torch.block_diag(*self.chunk_blocks(m)) if self.ops.chunked else m
+
+    # -- forward and the dense update ----------------------------------------------------
+
+    def _compressed_product(self, x: Tensor) -> Tensor:
+        """`core f_comp(x)`, `(..., S)`."""
+        z = self.ops.compress.apply(x, self.r_hat, self.chunks)
+        return self._core(z, self.mora_M.to(x.dtype))
 
     def mora_delta(self, x: Tensor) -> Tensor:
-        """`f_decomp(M f_comp(x))` for an already dropped-out `x`."""
-        m = self.mora_M.to(x.dtype)
-        d, k, r_hat, v = self.out_features, self.in_features, self.r_hat, self.variant
-        if v in ("rope", "decouple"):
-            y = self._rope_delta(x, m)
-            return y[..., :d] if d <= y.shape[-1] else _tile(y, d)
-        if v == "truncation":
-            z = x[..., :r_hat] if k >= r_hat else F.pad(x, (0, r_hat - k))
-            u = F.linear(z, m)
-            return u[..., :d] if d <= r_hat else F.pad(u, (0, d - r_hat))
-        u = self._compressed_product(x, m)  # (..., R)
-        return _tile(u, d) if v in ("sharing", "type3") else _interleave(u, d)
-
-    def _compressed_product(self, x: Tensor, m: Tensor) -> Tensor:
-        """`M f_comp(x)` for the grouping variants (types 1-4), `(..., R)`."""
-        z = self._strided_sum(x) if self.variant in ("sharing", "type4") else _block_sums(x, self.r_hat)
-        return F.linear(z, m)
+        """`f_decomp(core f_comp(x))` for an already dropped-out `x`."""
+        u = self._compressed_product(x)
+        return self.ops.decompress.add(u.new_zeros(*u.shape[:-1], self.out_features), u)
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
-        x = self.dropout(x)
-        if self.variant in ("sharing", "type3"):  # add the tiled output without materialising the tile
-            u = self._compressed_product(x, self.mora_M.to(x.dtype))
-            return _add_tiled(base_out, u.to(base_out.dtype))
-        return base_out + self.mora_delta(x).to(base_out.dtype)
+        u = self._compressed_product(self.dropout(x))
+        return self.ops.decompress.add(base_out, u.to(base_out.dtype))
 
     def delta_weight(self, weight: Tensor) -> Tensor:
-        """Dense `(out, in)` update built by index maps (no loop over columns)."""
-        m = self.mora_M.to(weight.dtype)
-        d, k, r_hat, n, v = self.out_features, self.in_features, self.r_hat, self.chunks, self.variant
-        dev = m.device
-        if v == "truncation":
-            dw = torch.zeros(d, k, dtype=m.dtype, device=dev)
-            rows, cols = min(r_hat, d), min(r_hat, k)
-            dw[:rows, :cols] = m[:rows, :cols]
-            return dw
-        padded = torch.arange(n * r_hat, device=dev)  # positions p of the padded input
-        if v in ("rope", "decouple"):
-            blocks = m.expand(n, r_hat, r_hat)
-            if v == "rope":  # P_i = M Rot_i; rotating the identity's rows gives Rot_i^T
-                eye = torch.eye(r_hat, dtype=m.dtype, device=dev).expand(n, r_hat, r_hat)
-                cos, sin = self.rope_cos.to(m.dtype)[:, None, :], self.rope_sin.to(m.dtype)[:, None, :]
-                blocks = m @ (eye * cos + rotate_half(eye) * sin).transpose(-1, -2)
-            full = torch.zeros(n, r_hat, n, r_hat, dtype=m.dtype, device=dev)
-            idx = torch.arange(n, device=dev)
-            full[idx, :, idx, :] = blocks
-            full = full.reshape(n * r_hat, n * r_hat)  # block diagonal over padded inputs
-            folded = torch.zeros(n * r_hat, k, dtype=m.dtype, device=dev).index_add_(1, padded % k, full)
-            return folded[torch.arange(d, device=dev) % (n * r_hat)]
-        rows = torch.arange(d, device=dev) % r_hat if v in ("sharing", "type3") else block_index(d, r_hat, dev)
-        m_rows = m[rows]  # (d, R)
-        if v in ("type2", "type3"):
-            return m_rows[:, block_index(k, r_hat, dev)]
-        # strided compression: padded position p reads x_{p mod k} and feeds z_{p mod R}
-        return torch.zeros(d, k, dtype=m.dtype, device=dev).index_add_(1, padded % k, m_rows[:, padded % r_hat])
+        """Dense `(out, in)` update `D core C`, built by index maps (no loop over columns)."""
+        core = self._dense_core(self.mora_M.to(weight.dtype))  # (S, S)
+        dev = core.device
+        rows = self.ops.decompress.index(self.out_features, self.slots, dev)  # (d,)
+        cols, slots = self.ops.compress.pairs(self.in_features, self.r_hat, self.chunks, dev)
+        core_rows = torch.where((rows >= 0)[:, None], core[rows.clamp_min(0)], torch.zeros_like(core[:1]))
+        dw = torch.zeros(self.out_features, self.in_features, dtype=core.dtype, device=dev)
+        return dw.index_add_(1, cols, core_rows[:, slots])
+
+    # -- exact singular values from R x R problems ---------------------------------------
+
+    def _row_counts(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """How many outputs copy each slot: `diag(D^T D)`, `(S,)`."""
+        rows = self.ops.decompress.index(self.out_features, self.slots, device)
+        return torch.bincount(rows[rows >= 0], minlength=self.slots).to(dtype)
+
+    def _gram_roots(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`(sqrt(diag(D^T D)), (C C^T)^1/2)` for the un-chunked variants; fixed per layer, cached."""
+        if self._grams is None or self._grams[0].device != device or self._grams[0].dtype != dtype:
+            cols, slots = self.ops.compress.pairs(self.in_features, self.r_hat, self.chunks, device)
+            c = torch.zeros(self.r_hat, self.in_features, dtype=dtype, device=device)
+            c.index_put_((slots, cols), torch.ones_like(cols, dtype=dtype), accumulate=True)
+            self._grams = (self._row_counts(device, dtype).sqrt(), _psd_sqrt(c @ c.t()))
+        return self._grams
+
+    @torch.no_grad()
+    def update_singular_values(self, weight: Tensor) -> Tensor:
+        """Exact `sigma(D core C)` without the `out x in` update.
+
+        Un-chunked: `sigma(G_D^1/2 M G_C^1/2)` with the `R x R` Grams `G_D = D^T D` (diagonal)
+        and `G_C = C C^T` (the non-zero eigenvalues of `C^T X C` equal those of
+        `G_C^1/2 X G_C^1/2`). Chunked: see `_chunked_singular_values`.
+        """
+        m = self.mora_M.detach().to(accumulation_dtype(self.mora_M.device))
+        if self.ops.chunked:
+            return self._chunked_singular_values(m)
+        row_w, col_root = self._gram_roots(m.device, m.dtype)
+        return torch.linalg.svdvals(row_w[:, None] * m @ col_root)
+
+    def _chunked_singular_values(self, m: Tensor) -> Tensor:
+        """`dW` repeats rows of `fold(blockdiag(P_i))`: `sigma(diag(sqrt(cnt)) fold(...))`.
+
+        Blocks the wrap padding does not fold are independent and `Rot_i` is orthogonal, so
+        each gives `sigma(diag(sqrt(cnt_i)) M)`; identical `cnt_i` are solved once. With
+        padding, blocks 0 and `n-1` share columns and form one `2R x (2R - pad)` problem.
+        """
+        k, r_hat, n = self.in_features, self.r_hat, self.chunks
+        pad = n * r_hat - k
+        weights = self._row_counts(m.device, m.dtype).sqrt().reshape(n, r_hat)
+        blocks = self.chunk_blocks(m)
+        if pad and n == 1:  # one block folded onto itself: R x k, small
+            folded = torch.zeros(r_hat, k, dtype=m.dtype, device=m.device)
+            folded.index_add_(1, torch.arange(r_hat, device=m.device) % k, blocks[0])
+            return torch.linalg.svdvals(weights[0, :, None] * folded)
+        parts = []
+        independent = list(range(n) if not pad else range(1, n - 1))
+        if independent:
+            unique, counts = torch.unique(weights[independent], dim=0, return_counts=True)
+            sv = torch.linalg.svdvals(unique[:, :, None] * m)  # sigma(diag(w) M Rot) = sigma(diag(w) M)
+            parts.append(sv.repeat_interleave(counts, dim=0).flatten())
+        if pad:  # blocks 0 and n-1 share the first `pad` columns
+            first, last = blocks[0], blocks[n - 1]
+            joint = torch.zeros(2 * r_hat, 2 * r_hat - pad, dtype=m.dtype, device=m.device)
+            joint[:r_hat, :r_hat] = first
+            joint[r_hat:, r_hat:] = last[:, : r_hat - pad]
+            joint[r_hat:, :pad] += last[:, r_hat - pad :]
+            w = torch.cat([weights[0], weights[n - 1]])
+            parts.append(torch.linalg.svdvals(w[:, None] * joint))
+        return torch.cat(parts)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, r_hat={self.r_hat}, variant={self.variant}"

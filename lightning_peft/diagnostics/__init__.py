@@ -1,4 +1,4 @@
-"""Per-layer update-norm diagnostics (DESIGN §6): pure metrics, cheap spectra, a callback, reports."""
+"""Per-layer update-norm diagnostics (docs/methods.md): pure metrics, per-module probes, a callback, reports."""
 
 from .callback import UpdateDiagnostics, build_probes
 from .metrics import (
@@ -14,7 +14,7 @@ from .metrics import (
     update_metrics,
 )
 from .report import COLUMNS, METRICS, TABLE_FILE, draw_figures, read_table, render_report, summary_table
-from .spectra import UpdateProbe, dense_singular_values, lora_singular_values, mora_singular_values
+from .spectra import UpdateProbe, dense_singular_values
 
 __all__ = [
     "COLUMNS",
@@ -30,9 +30,7 @@ __all__ = [
     "effective_rank",
     "energy_rank",
     "frobenius_norm",
-    "lora_singular_values",
     "magnitude_drift",
-    "mora_singular_values",
     "pearson",
     "read_table",
     "render_report",

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..adapters import diagnostic_names
 from .metrics import DRIFT_METRICS, SPECTRAL_METRICS, drift_correlation
 
 TABLE_FILE = "update_diagnostics.csv"
-DORA_METRICS = ("dora_scale_norm", "dora_lowrank_norm")
-METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *DORA_METRICS, "grad_norm")
+METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *diagnostic_names(), "grad_norm")  # methods' extras: their own
 KEY_COLUMNS = ("step", "module", "block", "kind", "method")
 COLUMNS = (*KEY_COLUMNS, *METRICS)
 FIGURES = ("updates_heatmap", "updates_curves", "updates_ranks", "updates_drift")

@@ -1,0 +1,81 @@
+"""HiRA: Hadamard high-rank adaptation (Huang et al., ICLR 2025, OpenReview TwJrTz9cRS).
+
+    y = W0 x + b + (W0 ⊙ (B A)) dropout(x),   i.e.  W' = W0 ⊙ (1 + B A)
+
+The update `W0 ⊙ BA` is the base weight modulated element-wise by a rank-`r` product, so
+its rank is not bounded by `r` (up to `r * rank(W0)`) at LoRA's parameter count. There is
+no scaling factor. A is Kaiming-uniform and B is zero, so the layer equals its base at
+initialisation; dropout only touches the update path. This is HF peft's `HiraModel`
+(peft >= 0.20) for `nn.Linear` and GPT-2 `Conv1D`, matched to 1e-5 in the tests.
+
+Everything else comes from `AdapterMethod`'s defaults: the diagnostics take the exact
+dense route (`svdvals` of `W0 ⊙ sBA`), the parameter count is the instance's. Merging
+multiplies W0 by `1 + BA`; unmerging divides by it, exact to rounding, except where an
+entry of `1 + BA` is small: then the pre-merge weight is kept to restore it exactly.
+docs/methods.md walks through this file as the example of adding a method.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AdapterMethod, check_dropout, check_rank, register_adapter
+
+if TYPE_CHECKING:
+    from .base import AdapterLinear
+
+# Dividing by `1 + BA` amplifies rounding by at most 1 / |1 + BA|; below this, keep a copy instead.
+MIN_UNMERGE_FACTOR = 0.5
+
+
+@register_adapter
+class HiRA(AdapterMethod):
+    """HiRA with rank `r` (of the Hadamard factor `B A`) and `dropout`."""
+
+    method = "hira"
+
+    def __init__(self, in_features: int, out_features: int, *, r: int = 8, dropout: float = 0.0) -> None:
+        super().__init__(in_features, out_features)
+        self.r = check_rank(r)
+        self.dropout_p = check_dropout(dropout)
+        self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
+        self.hira_A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
+        self.hira_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
+        self._premerge: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform A and zero B, as peft's default `init_weights=True`."""
+        nn.init.kaiming_uniform_(self.hira_A, a=math.sqrt(5))
+        nn.init.zeros_(self.hira_B)
+
+    def hadamard_factor(self) -> Tensor:
+        """`B A`, `(out, in)`, in the adapter's dtype."""
+        return self.hira_B @ self.hira_A
+
+    def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
+        w0 = layer.base_weight()
+        update = (w0.to(self.hira_A.dtype) * self.hadamard_factor()).to(x.dtype)  # (out, in)
+        return base_out + F.linear(self.dropout(x), update).to(base_out.dtype)
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        return weight * self.hadamard_factor().to(weight.dtype)
+
+    def merge_weight(self, weight: Tensor) -> Tensor:
+        factor = 1 + self.hadamard_factor().to(weight.dtype)
+        small = bool((factor.abs() < MIN_UNMERGE_FACTOR).any())
+        self._premerge = weight.detach().clone() if small else None
+        return weight * factor
+
+    def unmerge_weight(self, merged: Tensor) -> Tensor:
+        if self._premerge is not None:
+            return self._premerge.to(device=merged.device, dtype=merged.dtype)
+        return merged / (1 + self.hadamard_factor().to(merged.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, dropout={self.dropout_p}"
