@@ -48,6 +48,7 @@ def main() -> None:
     settings = SuggestSettings(budget=args.budget, pilot_steps=args.pilot_steps)
     result = suggest(args.config, out / "suggest", settings)
     base = comparison_variants(result, settings, result.carried, args.budget - result.carried_params)
+    base = [base[0], *reversed(base[1:])]  # suggested, then the high-rank method, DoRA, LoRA
     variants = [
         Variant(f"{v.name}-s{seed}", {**v.overrides, "seed_everything": seed}) for v in base for seed in args.seeds
     ]

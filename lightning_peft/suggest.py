@@ -506,11 +506,13 @@ def suggest_from_evidence(
 def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) -> SuggestResult:
     """Pilot run, then `suggest_from_evidence`; writes `out_dir/suggested_policy.yaml`.
 
-    Every input check (the pilot adapts something, the budget can hold a policy) runs before the pilot.
+    Every input check (the pilot adapts something, the budget can hold a policy) runs before the
+    pilot. A finished pilot of the same config and pilot settings in `out_dir` is reused (the
+    thresholds and the budget can be changed without training again).
     """
     import yaml
 
-    from .diagnostics import read_table
+    from .diagnostics import TABLE_FILE, read_table
     from .experiment import build_model, carried_rules, load_config, run_fit
 
     cfg = load_config(config)
@@ -521,8 +523,13 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     pilot_dir = out / "pilot"
     pilot_dir.mkdir(parents=True, exist_ok=True)
     pilot_path = pilot_dir / "pilot_policy.yaml"
-    pilot_path.write_text(yaml.safe_dump(pilot_policy(settings, carried), sort_keys=False))
-    run_fit(config, pilot_overrides(settings, pilot_path, pilot_dir))
+    text = f"# pilot of {Path(config).resolve()}, {settings.pilot_steps} steps\n"
+    text += yaml.safe_dump(pilot_policy(settings, carried), sort_keys=False)
+    done = (pilot_dir / TABLE_FILE).is_file() and pilot_path.is_file() and pilot_path.read_text() == text
+    if not done:
+        (pilot_dir / TABLE_FILE).unlink(missing_ok=True)
+        pilot_path.write_text(text)
+        run_fit(config, pilot_overrides(settings, pilot_path, pilot_dir))
     evidence = evidence_from_table(read_table(pilot_dir), plan, settings.pilot_rank)
     header = [
         f"lightning-peft suggest for {config}: pilot LoRA r={settings.pilot_rank}, {settings.pilot_steps} steps "
