@@ -385,24 +385,46 @@ def draw_search(result: SearchResult, settings: SearchSettings, path: str | Path
 CHOSEN_POLICY = "chosen_policy.yaml"
 
 
-def check_targets(model: Any, settings: SearchSettings, keep: Sequence[dict]) -> Estimate:
-    """Resolve every target set on the model before anything runs; returns the parameter estimator.
+def block_layers(model: Any) -> list[str]:
+    """Names of the adaptable layers inside the model's repeated blocks (what a target set may name)."""
+    from .adapters.base import is_supported_layer
+    from .policy import discover_blocks, normalise_name
 
-    Raises `RankSearchError` naming a target set that adapts no module or a policy that does not fit.
+    blocks_path, _ = discover_blocks(model)
+    if blocks_path is None:
+        return []
+    names = [normalise_name(n) for n, m in model.named_modules() if is_supported_layer(m)]
+    return [n for n in names if n.startswith(blocks_path + ".") and n[len(blocks_path) + 1 :].split(".")[0].isdigit()]
+
+
+def check_targets(model: Any, settings: SearchSettings, keep: Sequence[dict]) -> Estimate:
+    """Fit every target set to the model before anything runs; returns the parameter estimator.
+
+    The built-in sets name several architectures' layers: each set keeps the patterns that
+    match a layer of this model (so no variant carries dead patterns). Raises `RankSearchError`
+    naming a set that matches no layer, or a policy that does not resolve.
     """
-    from .policy import LayerPolicy, PolicyError
+    from .policy import LayerPolicy, PolicyError, pattern_matches
+
+    layers = block_layers(model)
+    for target in settings.targets:
+        kept = [p for p in target.modules if any(pattern_matches(p, n) for n in layers)]
+        if not kept:
+            raise RankSearchError(
+                f"widening step {target.name!r} ({target.modules}) adapts no module of {type(model).__name__}"
+            )
+        target.modules = kept
 
     def count(rank: int, target: TargetSet) -> int:
         policy = search_policy(settings, rank, target, keep)
         try:
-            plan = LayerPolicy.from_dict(policy, source=f"rank search step {target.name!r}").resolve(model)
+            return (
+                LayerPolicy.from_dict(policy, source=f"rank search step {target.name!r}")
+                .resolve(model)
+                .trainable_params
+            )
         except PolicyError as err:
             raise RankSearchError(str(err)) from None
-        if not any(r.method == settings.method for r in plan.rows):
-            raise RankSearchError(
-                f"widening step {target.name!r} ({target.modules}) adapts no module of {type(model).__name__}"
-            )
-        return plan.trainable_params
 
     for target in settings.targets:
         count(settings.ranks[0], target)
