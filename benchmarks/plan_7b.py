@@ -5,7 +5,7 @@ work: block discovery + rule matching + per-shape hyper-parameter checks (`resol
 module replacement (`inject_adapters`). The tests check correctness (tests/test_inject.py);
 this script only times.
 
-    python benchmarks/plan_7b.py [--policy policies/mora_outer_dora_inner.yaml] [--repeats 5]
+    python benchmarks/plan_7b.py [--policy mora_outer_dora_inner] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_meta_llama_7b() -> torch.nn.Module:
@@ -42,9 +40,10 @@ def main() -> None:
 
     import lightning_peft
     from lightning_peft import LayerPolicy, inject_adapters
+    from lightning_peft.policy import list_presets
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", nargs="*", default=[str(p) for p in sorted((ROOT / "policies").glob("*.yaml"))])
+    parser.add_argument("--policy", nargs="*", default=list_presets())
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
@@ -72,7 +71,7 @@ def main() -> None:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             assert trainable == plan.trainable_params, (trainable, plan.trainable_params)
         print(
-            f"{Path(path).name:32s} {len(plan.rows):5d} {plan.trainable_params:12,d} "
+            f"{Path(path).stem:32s} {len(plan.rows):5d} {plan.trainable_params:12,d} "
             f"{statistics.median(resolve_ms):11.1f} {statistics.median(inject_ms):10.1f}"
         )
     print(f"(median of {args.repeats}; model params {plan.model_params:,})")

@@ -2,7 +2,17 @@
 
 from .adapters import ADAPTERS, AdapterLinear, DoRA, LoRA, MoRA, register_adapter
 from .callback import AdapterCallback, restore_from_checkpoint
+from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics, render_report
+from .export import (
+    ExportError,
+    export_checkpoint,
+    export_merged,
+    export_peft,
+    import_peft,
+    load_peft_export,
+    peft_policy,
+)
 from .inject import (
     AdapterStateError,
     adapter_state_dict,
@@ -15,6 +25,7 @@ from .inject import (
     save_adapters,
     unmerge_adapters,
 )
+from .peft_format import PeftFormatError
 from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule
 
 __version__ = "0.1.0"
@@ -24,11 +35,14 @@ __all__ = [
     "AdapterCallback",
     "AdapterLinear",
     "AdapterStateError",
+    "AtomicCheckpointIO",
     "DepthSelector",
     "DoRA",
+    "ExportError",
     "LayerPolicy",
     "LoRA",
     "MoRA",
+    "PeftFormatError",
     "Plan",
     "PolicyError",
     "PolicyWarning",
@@ -36,11 +50,17 @@ __all__ = [
     "UpdateDiagnostics",
     "__version__",
     "adapter_state_dict",
+    "export_checkpoint",
+    "export_merged",
+    "export_peft",
     "find_adapters",
     "get_plan",
+    "import_peft",
     "inject_adapters",
     "load_adapters",
+    "load_peft_export",
     "merge_adapters",
+    "peft_policy",
     "register_adapter",
     "remove_adapters",
     "render_report",

@@ -1,20 +1,33 @@
 """`AdapterCallback`: inject a policy's adapters into an unmodified LightningModule.
 
-Where it acts, and why (reference/lightning.md §1, verified on Lightning 2.6):
+It works through Lightning's public hooks only and never replaces a method of the user's
+module. Where it acts, and why (Lightning 2.6 hook order; see docs/policies.md):
 
 - `setup` (every stage) runs before `configure_optimizers`, before the DDP/FSDP wrap and
   before a checkpoint is restored, so the user's optimizer sees only trainable tensors,
-  DDP registers the adapters, and `ckpt_path=` finds adapter keys to load into. When the
-  targeted layers do not exist yet (built in `LightningModule.setup`/`configure_model`),
-  injection moves to right after the user's `configure_model`.
-- Checkpoints carry the plan under `checkpoint["lightning_peft"]`; with
-  `adapter_only_checkpoint` the `state_dict` keeps only trainable tensors (still resumable:
-  optimizer, loops and callbacks are untouched, and loading is non-strict).
-- Before any checkpoint weights are loaded, the stored plan and tensor shapes are compared
-  with the live model, so a checkpoint from another policy never loads silently.
+  DDP registers the adapters, and `ckpt_path=` finds adapter keys to load into.
+- Layers built in `LightningModule.configure_model` do not exist yet at `Callback.setup`,
+  and a callback has no hook after `configure_model`. The callback then calls
+  `configure_model()` itself, inside the same strategy and precision contexts Lightning
+  uses, and injects. Lightning requires that hook to be idempotent ("after the first time
+  the hook is called, subsequent calls to it should be a no-op"), so its own later call
+  changes nothing; Lightning's `WeightAveraging` callback builds layers the same way.
+- Checkpoints: `on_save_checkpoint` stores the plan under `checkpoint["lightning_peft"]`
+  (a fixed key, so `restore_from_checkpoint` finds it without a Trainer) and, with
+  `adapter_only_checkpoint`, keeps only trainable tensors (loading is then non-strict via
+  the public `LightningModule.strict_loading`).
+- Lightning loads a checkpoint's weights before any callback hook sees the checkpoint.
+  So that a checkpoint whose tensors do not fit never loads partly, the callback registers
+  a `load_state_dict` pre-hook on the module (torch's public
+  `Module.register_load_state_dict_pre_hook`, removed at teardown): it checks names and
+  shapes before a single tensor is copied. The stored plan (methods, hyper-parameters) is
+  compared in `on_load_checkpoint`, after the weights but before anything trains.
 - `on_fit_start` stops the run when a trainable parameter is in no optimizer param group
   (an optimizer built too early trains nothing), and drops frozen tensors from the param
   groups, so `AdamW(self.parameters())` ends up holding exactly the adapters.
+
+Crash-safe checkpoint files are a separate, explicit choice: pass
+`Trainer(plugins=[AtomicCheckpointIO()])` (the `lightning-peft` command does).
 """
 
 from __future__ import annotations
@@ -26,14 +39,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.hooks import RemovableHandle
 
 from .inject import (
     CHECKPOINT_KEY,
     AdapterStateError,
-    atomic_write,
     check_checkpoint,
     find_adapters,
     get_plan,
@@ -45,7 +56,7 @@ from .inject import (
 )
 from .optim_groups import apply_rule_settings
 from .policy import LayerPolicy, Plan, PolicyError
-from .stored import plan_from_stored, read_checkpoint
+from .stored import check_state, plan_from_stored, read_checkpoint
 
 
 def print_plan(plan: Plan) -> None:
@@ -56,21 +67,37 @@ def print_plan(plan: Plan) -> None:
     get_console().print(plan.summary())
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's `TorchCheckpointIO`, but local files are written next to the target and renamed.
+def check_before_load(module: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """Raise if `state` lacks a trainable tensor of `module`, or holds one that does not fit (shape, dtype, NaN).
 
-    Lightning stages a checkpoint in the system temp dir and moves it into place; across
-    filesystems that move is a copy, which a crash can leave half-written at the final path.
-    Here a crash during a save leaves the previous file intact, never a torn one.
+    The tensor half of `check_checkpoint`, for the `load_state_dict` pre-hook, which sees the
+    state dict but not the rest of the checkpoint.
     """
+    if get_plan(module) is None:
+        return
+    required = trainable_state_keys(module)
+    check_state(state, module.state_dict(), source, required=required, scan=required & set(state))
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote stores: Lightning's own path
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+def build_layers_in_configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Call the module's own `configure_model` now, in the contexts Lightning calls it in.
+
+    Returns `False` when the module does not override the hook (nothing to build).
+    """
+    if type(pl_module).configure_model is pl.LightningModule.configure_model:
+        return False
+    with (
+        trainer.strategy.tensor_init_context(),
+        trainer.strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        pl_module.configure_model()
+    return True
+
+
+def _checkpoint_source(trainer: pl.Trainer) -> str:
+    """How errors name the checkpoint being loaded (`trainer.ckpt_path` is set once loading starts)."""
+    return str(trainer.ckpt_path or "checkpoint")
 
 
 def first_non_finite(module: torch.nn.Module, grads: bool) -> str | None:
@@ -95,10 +122,10 @@ def missing_from_optimizers(pl_module: torch.nn.Module, optimizers: list[torch.o
 
 
 class AdapterCallback(Callback):
-    """Inject per-layer adapters following a policy; keep checkpoints small and safe.
+    """Inject per-layer adapters following a policy; keep checkpoints small and checked.
 
     Args:
-        policy: a `LayerPolicy`, a path to a policy YAML, or the same schema as a mapping.
+        policy: a `LayerPolicy`, a preset name, a path to a policy YAML, or the same schema as a mapping.
         adapter_only_checkpoint: keep only trainable tensors in `.ckpt` files (resumable).
         merge_at_end: merge all adapters into the base weights when `fit` ends.
         export_dir: if set, write `adapters.safetensors` + `plan.json` there when `fit` ends.
@@ -110,7 +137,7 @@ class AdapterCallback(Callback):
 
     def __init__(
         self,
-        policy: str | dict | LayerPolicy,  # bare `dict` first: jsonargparse passes a mapping through unconverted
+        policy: LayerPolicy | str | dict[str, Any],
         adapter_only_checkpoint: bool = True,
         merge_at_end: bool = False,
         export_dir: str | None = None,
@@ -124,6 +151,7 @@ class AdapterCallback(Callback):
         self.export_dir = export_dir
         self.verbose = verbose
         self.plan: Plan | None = None
+        self._load_guard: RemovableHandle | None = None
 
     # -- injection -----------------------------------------------------------------------
 
@@ -139,42 +167,34 @@ class AdapterCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._warn_about_trainer(trainer)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it crash-safe
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         try:
             self.inject(pl_module)
         except PolicyError:
-            # The targeted layers (or the whole block stack, for depth rules) may only be built in
-            # `configure_model`: retry there; a policy that still does not fit raises the same error.
-            if not is_overridden("configure_model", pl_module):
+            # The targeted layers (or the block stack, for depth rules) may only be built in
+            # `configure_model`: build them now and retry; a policy that still does not fit raises.
+            if not build_layers_in_configure_model(trainer, pl_module):
                 raise
-            self._inject_after_configure_model(pl_module)
+            self.inject(pl_module)
         if self.adapter_only_checkpoint:
             pl_module.strict_loading = False
-        self._guard_checkpoint_loading(pl_module)
+        self._remove_load_guard()
 
-    def _inject_after_configure_model(self, pl_module: pl.LightningModule) -> None:
-        user_configure_model = pl_module.configure_model
+        def check_before_loading(module: torch.nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+            if prefix == "":  # a wrapper's load (FSDP) renames keys: `on_load_checkpoint` checks those
+                check_before_load(module, state, _checkpoint_source(trainer))
 
-        def configure_model_then_inject() -> None:  # a plain function: Lightning's is_overridden sees it
-            user_configure_model()
-            self.inject(pl_module)
+        self._load_guard = pl_module.register_load_state_dict_pre_hook(check_before_loading)
 
-        pl_module.configure_model = configure_model_then_inject
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_guard()
 
-    def _guard_checkpoint_loading(self, pl_module: pl.LightningModule) -> None:
-        """Validate checkpoints before Lightning loads their weights (module hook runs first)."""
-        if getattr(pl_module, "_lightning_peft_guarded", False):
-            return
-        user_hook = pl_module.on_load_checkpoint
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_load_guard()
 
-        def check_then_load(checkpoint: dict[str, Any]) -> None:
-            source = getattr(pl_module.trainer, "ckpt_path", None) or "checkpoint"
-            check_checkpoint(pl_module, checkpoint, source=str(source))
-            user_hook(checkpoint)
-
-        pl_module.on_load_checkpoint = check_then_load
-        pl_module._lightning_peft_guarded = True
+    def _remove_load_guard(self) -> None:
+        if self._load_guard is not None:
+            self._load_guard.remove()
+            self._load_guard = None
 
     def _warn_about_trainer(self, trainer: pl.Trainer) -> None:
         for cb in trainer.callbacks:
@@ -266,6 +286,11 @@ class AdapterCallback(Callback):
         if self.adapter_only_checkpoint:
             keep = trainable_state_keys(pl_module)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        check_checkpoint(pl_module, checkpoint, _checkpoint_source(trainer))
 
 
 def restore_from_checkpoint(model: torch.nn.Module, checkpoint: str | Path | dict[str, Any]) -> Plan:

@@ -3,6 +3,8 @@
     lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
     lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
     lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
+    lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
+    lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
     lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
     lightning-peft compare rank-search --config search.yaml   # the LoRA article's rank search (rank_search)
     lightning-peft suggest CONFIG --settings.budget N         # a per-layer policy from a pilot run (suggest)
@@ -10,24 +12,38 @@
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
 
-Adapters are injected right after the model is instantiated, *before* LightningCLI builds
-its automatic optimizer (`optimizer:` in a config), which would otherwise hold no adapter
-parameters and train nothing (reference/lightning.md §4.5).
+Built on LightningCLI's public API only. Two defaults differ from a stock LightningCLI:
+
+- `trainer.plugins` defaults to `AtomicCheckpointIO` (crash-safe checkpoint files); it shows
+  in `--print_config` and a config's own `trainer.plugins` replaces it.
+- An `optimizer:` / `lr_scheduler:` section is built inside `configure_optimizers`, from the
+  parameters that are trainable then, i.e. after `AdapterCallback.setup` injected the
+  adapters. A stock LightningCLI builds it before `fit`, over the base weights alone, and
+  would train nothing (`AdapterCallback` stops such a run).
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
-from typing import Any
+from types import MethodType
+from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .callback import AdapterCallback, print_plan
+from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics
+from .export import ExportError
 from .inject import AdapterStateError
+from .peft_format import PeftFormatError
 from .policy import PolicyError
 from .schema import register_jsonargparse_loader
+
+OPTIMIZER_KEY = "optimizer"
+LR_SCHEDULER_KEY = "lr_scheduler"
 
 
 class PeftTrainer(pl.Trainer):
@@ -35,6 +51,50 @@ class PeftTrainer(pl.Trainer):
 
     def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         """Dry run: build the model, resolve the adapter policy, print the plan; train nothing."""
+
+    def export(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        out: str,
+        datamodule: pl.LightningDataModule | None = None,
+        format: Literal["peft", "merged"] = "peft",
+        routes: dict[str, str] | None = None,
+        svd_rank: int | None = None,
+        svd_energy: float | None = None,
+        submodule: str | None = None,
+        save_base: bool = False,
+        overwrite: bool = False,
+        weights_only: bool | None = None,
+    ) -> None:
+        """Turn a finished run into a servable artifact: rebuild its adapters from a checkpoint, then export.
+
+        Args:
+            ckpt_path: the run's checkpoint (read with weights_only=True; its stored plan is injected).
+            out: target folder (written via a temporary folder next to it, then renamed).
+            format: `peft` (HF peft LoRA/DoRA adapter folder) or `merged` (transformers save_pretrained).
+            routes: for peft, per method, `fold` (into base weights saved in out/base) or `svd`
+                (convert to LoRA), e.g. `{mora: svd, full: fold}`; LoRA and DoRA need none.
+            svd_rank: rank of the `svd` route.
+            svd_energy: or the share of each update's squared Frobenius norm to keep, in (0, 1].
+            submodule: attribute path of the Hugging Face model inside the LightningModule (default: its
+                single PreTrainedModel child, e.g. `model`).
+            save_base: also write the base model to out/base (for a base built from a config, not a hub).
+            overwrite: replace a non-empty `out`.
+            weights_only: accepted so a run's saved config.yaml parses; checkpoints are always read with
+                weights_only=True (False is refused).
+        """
+
+
+def lazy_configure_optimizers(optimizer_init: dict[str, Any], lr_scheduler_init: dict[str, Any] | None) -> Any:
+    """A `configure_optimizers` that builds the configured optimizer over the trainable parameters at call time."""
+
+    def configure_optimizers(module: pl.LightningModule) -> Any:
+        optimizer = instantiate_class([p for p in module.parameters() if p.requires_grad], optimizer_init)
+        scheduler = instantiate_class(optimizer, lr_scheduler_init) if lr_scheduler_init else None
+        return LightningCLI.configure_optimizers(module, optimizer, scheduler)
+
+    return configure_optimizers
 
 
 class PeftCLI(LightningCLI):
@@ -46,10 +106,15 @@ class PeftCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault(
+            "trainer_defaults", {"plugins": {"class_path": f"lightning_peft.{AtomicCheckpointIO.__name__}"}}
+        )
+        kwargs.setdefault(
             "parser_kwargs",
             {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
             "`lightning-peft compare --config COMPARISON`."},
         )
+        # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
+        kwargs["auto_configure_optimizers"] = False
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -62,28 +127,60 @@ class PeftCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
         commands["plan"] = {"model", "datamodule"}
+        commands["export"] = {"model", "datamodule"}
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(AdapterCallback, "adapters")
         parser.add_lightning_class_args(UpdateDiagnostics, "diagnostics")
+        parser.add_optimizer_args(nested_key=OPTIMIZER_KEY)  # any torch optimizer, as in a stock LightningCLI
+        parser.add_lr_scheduler_args(nested_key=LR_SCHEDULER_KEY)
+
+    @property
+    def section(self) -> Any:
+        """The instantiated config of the running subcommand."""
+        return self.config_init.get(str(self.subcommand), self.config_init)
 
     def instantiate_classes(self) -> None:
-        # Same steps as LightningCLI.instantiate_classes, with injection before the optimizer.
         try:
-            self.config_init = self.parser.instantiate_classes(self.config)
+            super().instantiate_classes()
         except ValueError as err:  # e.g. a PolicyError raised while building `adapters`
             self.parser.error(str(err))  # jsonargparse's usage + message, exit code 2, before any training
-        self.datamodule = self._get(self.config_init, "data")
-        self.model = self._get(self.config_init, "model")
-        if self.subcommand != "plan":
-            self._get(self.config_init, "adapters").inject(self.model)
-        self._add_configure_optimizers_method_to_model(self.subcommand)
-        self.trainer = self.instantiate_trainer()
+
+    def after_instantiate_classes(self) -> None:
+        optimizer_init = self.section.get(OPTIMIZER_KEY)
+        if not optimizer_init:
+            return
+        if type(self.model).configure_optimizers is not pl.LightningModule.configure_optimizers:
+            rank_zero_warn(
+                f"`{type(self.model).__name__}.configure_optimizers` is replaced by the config's `optimizer:` section"
+            )
+        scheduler_init = self.section.get(LR_SCHEDULER_KEY)
+        fn = lazy_configure_optimizers(optimizer_init.as_dict(), scheduler_init.as_dict() if scheduler_init else None)
+        self.model.configure_optimizers = MethodType(fn, self.model)  # as LightningCLI does for `optimizer:`
 
     def plan(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
-        callback = self._get(self.config_init, "adapters")
-        print_plan(callback.policy.resolve(model))
+        print_plan(self.section["adapters"].policy.resolve(model))
+
+    def export(self, model: pl.LightningModule, datamodule: Any = None, **options: Any) -> None:
+        from rich import get_console
+
+        from .export import export_checkpoint
+
+        if options.pop("weights_only") is False:
+            raise ExportError("export reads checkpoints with weights_only=True only; --weights_only false is refused")
+        fmt = options.pop("format")
+        ckpt_path, out = options.pop("ckpt_path"), options.pop("out")
+        if fmt == "merged":
+            extra = sorted(k for k in ("routes", "svd_rank", "svd_energy") if options[k] is not None)
+            if extra or options["save_base"]:
+                raise ExportError(f"--format merged folds every adapter; {extra or ['save_base']} apply to peft only")
+            options = {k: options[k] for k in ("submodule", "overwrite")}
+        result = export_checkpoint(model, ckpt_path, out, format=fmt, **options)
+        console = get_console()
+        if fmt == "peft" and result.converted:
+            console.print(result.table())
+        console.print(f"exported {ckpt_path} as {fmt} to {out}")
 
     def after_fit(self) -> None:
         """Print the final metrics (rank zero) so the main job ends with its numbers."""
@@ -116,16 +213,37 @@ def report(log_dir: str) -> None:
     get_console().print(render_report(log_dir))
 
 
+def inspect(
+    adapter: str, base: str, out: str = "peft_diagnostics", auto_class: str | None = None, plots: bool = True
+) -> None:
+    """Per-layer diagnostics of a peft LoRA/DoRA adapter trained elsewhere (update norms, ranks, DoRA drift).
+
+    Args:
+        adapter: the peft adapter folder (adapter_config.json + adapter_model.safetensors).
+        base: local folder of its base model (a transformers save_pretrained folder).
+        out: where update_diagnostics.csv and the figures go (`lightning-peft report OUT` re-renders them).
+        auto_class: transformers Auto class for the base (default: from the adapter's task_type).
+        plots: draw the PNG figures.
+    """
+    from rich import get_console
+
+    from .diagnostics import render_report
+    from .export import diagnose_peft
+
+    diagnose_peft(adapter, base, out, auto_class)
+    get_console().print(render_report(out, plots=plots))
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point (`lightning-peft`)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "report":
-        from jsonargparse import CLI
+    if argv and argv[0] in ("report", "inspect"):
+        from jsonargparse import auto_cli
 
         try:
-            CLI(report, args=argv[1:])
+            auto_cli(report if argv[0] == "report" else inspect, args=argv[1:])
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
-            print(f"lightning-peft report: error: {err}", file=sys.stderr)
+            print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
     if argv[:2] == ["compare", "rank-search"]:  # the LoRA article's rank search, a mode of compare
@@ -142,8 +260,14 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(compare_main(argv[1:]))
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
-    except (PolicyError, AdapterStateError) as err:  # bad policy / adapter state: a message, not a traceback
+    except (PolicyError, AdapterStateError, ExportError, PeftFormatError) as err:  # a message, not a traceback
         print(f"lightning-peft: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except pickle.UnpicklingError as err:  # LightningCLI reads --ckpt_path's hyper-parameters with weights_only=True
+        print(
+            f"lightning-peft: error: checkpoint refused by weights_only=True: {str(err).splitlines()[0]}",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

@@ -26,10 +26,11 @@ two are built in:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,21 @@ class PriorKnowledge(ABC):
         return None
 
 
-@torch.no_grad()
-def _evaluate(probe: PriorKnowledge, pl_module: pl.LightningModule) -> dict[str, float]:
-    """Run a probe in eval mode (no dropout) and restore the module's train/eval mode after."""
+@contextlib.contextmanager
+def _eval_mode(pl_module: pl.LightningModule) -> Iterator[None]:
+    """No dropout, no autograd; the module's train/eval mode is restored afterwards."""
     was_training = pl_module.training
     pl_module.eval()
     try:
-        values = probe.measure(pl_module)
+        with torch.no_grad():
+            yield
     finally:
         pl_module.train(was_training)
+
+
+def _evaluate(probe: PriorKnowledge, pl_module: pl.LightningModule) -> dict[str, float]:
+    with _eval_mode(pl_module):
+        values = probe.measure(pl_module)
     bad = {k: v for k, v in values.items() if not isinstance(v, float) or "/" in k}
     if bad:
         raise ValueError(f"{type(probe).__name__}.measure must return float values under names without '/': {bad}")
@@ -136,7 +143,7 @@ class ForgettingMonitor(Callback):
         self._path = Path(log_dir or ".") / FORGET_FILE
         if self.baseline is not None:  # resumed: baseline and reference came with the checkpoint
             return
-        with torch.no_grad():
+        with _eval_mode(pl_module):
             self.prior.capture(pl_module)
         self.baseline = _evaluate(self.prior, pl_module)
         self._record(trainer, step=trainer.global_step, values=self.baseline)

@@ -63,7 +63,10 @@ def _replace(model: nn.Module, raw_name: str, new: nn.Module) -> None:
 def _check_plan_fits(model: nn.Module, plan: Plan, modules: dict[str, tuple[str, nn.Module]]) -> None:
     for row in plan.rows:
         if row.name not in modules:
-            raise AdapterStateError(f"Plan module {row.name!r} does not exist in {type(model).__name__}")
+            from .names import prefix_hint
+
+            hint = prefix_hint(row.name, list(modules))
+            raise AdapterStateError(f"Plan module {row.name!r} does not exist in {type(model).__name__}.{hint}")
         module = modules[row.name][1]
         if row.method == "full":
             continue
@@ -233,14 +236,18 @@ def _new_temp_file(path: Path) -> Path:
             continue
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+def save_adapters(model: nn.Module, directory: str | Path, submodule: str | None = None) -> Path:
     """Write `adapters.safetensors` (tensors + plan in its header) and `plan.json` into `directory`.
 
     All or nothing: the safetensors file is the whole state and is replaced in one atomic
     rename; `plan.json` is a readable copy written after it (loading ignores it when the
     header has the plan). Non-finite tensors are refused before anything is written.
+    `submodule` (e.g. `"model"` for a LightningModule's `self.model`) stores names relative to
+    that submodule, so the files load into the bare Hugging Face model.
     """
     from safetensors.torch import save_file
+
+    from .names import strip_prefix, submodule_prefix
 
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot save adapters of a merged model; call unmerge_adapters() first")
@@ -250,6 +257,10 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
         raise AdapterStateError(f"Refusing to save adapters: tensor(s) {bad[:6]} hold NaN/inf; nothing was written")
     plan = get_plan(model)
     assert plan is not None
+    try:
+        plan, state = strip_prefix(plan, state, submodule_prefix(submodule))
+    except ValueError as err:
+        raise AdapterStateError(f"save_adapters(submodule={submodule!r}): {err}") from None
     plan_json = json.dumps(plan.to_dict(), indent=1)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -259,18 +270,28 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def load_adapters(model: nn.Module, directory: str | Path) -> Plan:
+def load_adapters(model: nn.Module, directory: str | Path, submodule: str | None = None) -> Plan:
     """Inject the stored plan (if the model has none) and load the stored tensors.
 
+    `submodule`: the stored names are relative to this submodule of `model` (files saved from
+    the bare Hugging Face model, loaded into the LightningModule holding it as `self.model`).
     Everything is validated first; on any error the model is left as it was.
     """
+    from .names import add_prefix, submodule_prefix
+
     plan, tensors = read_adapter_dir(directory)
+    plan, tensors = add_prefix(plan, tensors, submodule_prefix(submodule))
     source = str(Path(directory) / ADAPTER_FILE)
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot load adapters into a merged model; call unmerge_adapters() first")
     existing = get_plan(model)
     if existing is not None and existing.fingerprint() != plan.fingerprint():
-        raise AdapterStateError(f"{source}: its plan differs from the model's ({_first_difference(existing, plan)})")
+        from .names import plan_prefix_hint
+
+        hint = plan_prefix_hint(plan, existing)
+        raise AdapterStateError(
+            f"{source}: its plan differs from the model's ({_first_difference(existing, plan)}).{hint}"
+        )
     if existing is None:
         _check_plan_fits(model, plan, _modules_by_name(model))
         inject_adapters(model, plan)

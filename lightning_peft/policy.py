@@ -52,7 +52,7 @@ from .optim_groups import OptimSettings, as_optim_settings, check_rule_optim
 from .schema import ConfigInputError, load_yaml, read_yaml_file, signature_types, type_error
 
 SPECIAL_METHODS = ("none", "full")
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "policies"
+PRESETS_PACKAGE = "lightning_peft.presets"  # package data: found by name from any directory, in any install
 # Wrapper infixes that torch.compile / FSDP / checkpointing / DDP add to module names.
 _WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 # An adapter with more trainable parameters than this many times its layer's weight is an error
@@ -415,8 +415,19 @@ class Plan:
 
 
 def list_presets() -> list[str]:
-    """Names of the policy presets shipped in `policies/`."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    """Names of the policy presets shipped inside the package (`lightning_peft/presets/*.yaml`)."""
+    from importlib.resources import files
+
+    return sorted(p.name[: -len(".yaml")] for p in files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str | None:
+    """The YAML text of preset `name`, or `None` when no preset has that name."""
+    from importlib.resources import files
+
+    if name not in list_presets():
+        return None
+    return (files(PRESETS_PACKAGE) / f"{name}.yaml").read_text()
 
 
 def discover_blocks(model: nn.Module, path: str | None = None) -> tuple[str | None, int]:
@@ -538,17 +549,17 @@ class LayerPolicy:
         import yaml
 
         path = Path(path)
-        if not path.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
-            path = PRESETS_DIR / f"{path}.yaml"  # a preset name such as `mora_outer_dora_inner`
-        if not path.is_file():
+        text = None if path.is_file() else preset_text(str(path))  # a preset name such as `mora_outer_dora_inner`
+        source = f"preset {str(path)!r}" if text is not None else str(path)
+        if text is None and not path.is_file():
             raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()})")
         try:
-            data = read_yaml_file(path)
+            data = read_yaml_file(path) if text is None else load_yaml(text)
         except ConfigInputError as err:
-            raise PolicyError(f"{path}: {err}") from None
+            raise PolicyError(f"{source}: {err}") from None
         except yaml.YAMLError as err:
-            raise PolicyError(f"{path}: YAML syntax error: {err}") from None
-        return cls.from_dict(data, source=str(path))
+            raise PolicyError(f"{source}: YAML syntax error: {err}") from None
+        return cls.from_dict(data, source=source)
 
     @classmethod
     def from_text(cls, text: str, source: str = "policy") -> LayerPolicy:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
+import yaml
 from helpers import (
     HYBRID,
     POLICIES,
@@ -130,6 +132,19 @@ def test_layers_built_in_configure_model_get_injected(tmp_path):
     assert len(module.train_losses) == 2
 
 
+def test_callback_leaves_the_module_and_checkpoint_io_alone(tmp_path):
+    """No user method is rebound, the strategy keeps its own checkpoint writer, the load guard goes at teardown."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    module = LateLayersModule()
+    tr = trainer(tmp_path, max_steps=1, callbacks=[callback()])
+    tr.fit(module, train_dataloaders=token_loader())
+    assert get_plan(module) is not None
+    assert not {"configure_model", "on_load_checkpoint", "configure_optimizers"} & set(vars(module))
+    assert type(tr.strategy.checkpoint_io) is TorchCheckpointIO
+    assert not module._load_state_dict_pre_hooks
+
+
 def test_bad_policy_fails_at_construction():
     with pytest.raises(PolicyError, match=r"rule 0 \(x\): unknown rule key 'moduls'"):
         AdapterCallback({"rules": [{"name": "x", "method": "lora", "moduls": ["q_proj"]}]})
@@ -179,12 +194,28 @@ def test_adapter_only_checkpoint_is_smaller_and_holds_adapters(run6):
 
 
 def test_checkpoint_from_other_policy_is_rejected_before_training(run6, tmp_path):
+    """Other methods: refused before Lightning copies a single tensor into the model."""
     module = CausalLMModule()
     tr = trainer(tmp_path, max_steps=6, callbacks=[callback(POLICIES / "lora_all.yaml")])
     with pytest.raises(
         AdapterStateError,
-        match=r"different adapter plan: model.model.layers.0.mlp.down_proj: checkpoint mora .* vs model lora",
+        match=r"step=3.ckpt: stored state does not fit the model: "
+        r"missing \['model.model.layers.0.mlp.down_proj.adapter.lora_A', 'model.model.layers.0.mlp.down_proj.adapter.lora_B'",
     ):
+        tr.fit(module, train_dataloaders=token_loader(), ckpt_path=run6[True]["root"] / "step=3.ckpt")
+    assert module.train_losses == []
+    fresh = CausalLMModule()
+    callback(POLICIES / "lora_all.yaml").inject(fresh)
+    assert_same_adapters(module, fresh)  # nothing was loaded
+
+
+def test_checkpoint_with_other_hyperparameters_is_rejected_before_training(run6, tmp_path):
+    """Same tensors, other hyper-parameters (DoRA alpha): the stored plan is compared before training."""
+    policy = yaml.safe_load(HYBRID.read_text())
+    policy["rules"][1]["hparams"]["alpha"] = 2 * policy["rules"][1]["hparams"].get("alpha", 8)
+    module = CausalLMModule()
+    tr = trainer(tmp_path, max_steps=6, callbacks=[callback(policy)])
+    with pytest.raises(AdapterStateError, match=r"different adapter plan: model.model.layers.1.mlp.down_proj: "):
         tr.fit(module, train_dataloaders=token_loader(), ckpt_path=run6[True]["root"] / "step=3.ckpt")
     assert module.train_losses == []
 
@@ -289,12 +320,6 @@ def test_restore_from_checkpoint_rejects_other_shapes(run6):
 
 def test_nan_batch_stops_before_the_weights_change(tmp_path):
     """A NaN in the batch: fit stops naming a module; no step, no checkpoint with NaN weights."""
-    import lightning as L
-    import pytest
-    import torch
-    from helpers import CausalLMModule
-
-    from lightning_peft import AdapterCallback, adapter_state_dict
 
     class NaNEmbeddings(CausalLMModule):
         def training_step(self, batch, batch_idx):
@@ -310,18 +335,11 @@ def test_nan_batch_stops_before_the_weights_change(tmp_path):
     tokens = torch.randint(0, 32, (32, 8), generator=torch.Generator().manual_seed(0))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
     model = NaNEmbeddings()
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
-    trainer = L.Trainer(
-        max_steps=5,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[AdapterCallback("lora_all", verbose=False), ckpt_cb],
-    )
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    tr = trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[callback("lora_all"), ckpt_cb])
     with pytest.raises(FloatingPointError, match=r"Non-finite gradient in model\.model\.layers\.\d+\..*at step 2"):
-        trainer.fit(model, data)
-    assert trainer.global_step == 2
+        tr.fit(model, data)
+    assert tr.global_step == 2
     assert all(torch.isfinite(t).all() for t in adapter_state_dict(model).values())
     for path in tmp_path.glob("*.ckpt"):
         state = torch.load(path, weights_only=False)["state_dict"]
@@ -331,25 +349,15 @@ def test_nan_batch_stops_before_the_weights_change(tmp_path):
 def test_crash_during_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):
     """A save that dies half-way (here: torch.save writes some bytes, then raises) leaves the
     previous checkpoint byte-identical and no partial file under the checkpoint name."""
-    import lightning as L
 
-    from lightning_peft import AdapterCallback
-    from lightning_peft.callback import AtomicCheckpointIO
+    from lightning_peft import AtomicCheckpointIO
 
     model = CausalLMModule()
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[AdapterCallback("lora_all", verbose=False)],
-    )
-    trainer.fit(model, token_loader())
-    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    tr = trainer(tmp_path / "run", max_steps=2, plugins=[AtomicCheckpointIO()], callbacks=[callback("lora_all")])
+    tr.fit(model, token_loader())
+    assert isinstance(tr.strategy.checkpoint_io, AtomicCheckpointIO)
     path = tmp_path / "last.ckpt"
-    trainer.save_checkpoint(path)
+    tr.save_checkpoint(path)
     before = path.read_bytes()
 
     real_save = torch.save
@@ -361,19 +369,15 @@ def test_crash_during_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoint(path)
+        tr.save_checkpoint(path)
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["last.ckpt"]
 
 
 def test_dora_magnitude_follows_weights_loaded_in_setup():
     """Pretrained weights loaded in `LightningModule.setup` (after injection): DoRA's magnitude is
     re-initialised from them at fit start, so the adapted model starts exactly at the loaded model."""
-    import lightning as L
-
-    from lightning_peft import AdapterCallback
-
     pretrained = CausalLMModule(seed=123).model.state_dict()
 
     class LoadsInSetup(CausalLMModule):
@@ -396,39 +400,21 @@ def test_dora_magnitude_follows_weights_loaded_in_setup():
 
     check = CheckStart()
     model = LoadsInSetup(seed=0)
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[AdapterCallback("dora_all", verbose=False), check],
-    )
-    trainer.fit(model, token_loader())
+    trainer(max_steps=1, callbacks=[callback("dora_all"), check]).fit(model, token_loader())
     assert check.checked
 
 
 @pytest.mark.parametrize("setting", ["bf16-mixed", "bf16-true", "gradient-checkpointing"])
 def test_hybrid_trains_under_bf16_and_gradient_checkpointing(setting):
-    import lightning as L
 
-    from lightning_peft import AdapterCallback, adapter_state_dict
+    from lightning_peft import adapter_state_dict
 
     model = CausalLMModule()
     if setting == "gradient-checkpointing":
         model.model.gradient_checkpointing_enable()
-    trainer = L.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        precision="32-true" if setting.startswith("grad") else setting,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[AdapterCallback("mora_outer_dora_inner", verbose=False)],
-    )
-    trainer.fit(model, token_loader(n=32))
+    precision = "32-true" if setting.startswith("grad") else setting
+    tr = trainer(max_steps=4, precision=precision, callbacks=[callback("mora_outer_dora_inner")])
+    tr.fit(model, token_loader(n=32))
     assert len(model.train_losses) == 4 and all(math.isfinite(x) for x in model.train_losses)
     moved = [v for k, v in adapter_state_dict(model).items() if k.endswith(("mora_M", "lora_B"))]
     assert moved and all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in moved)

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from lightning_peft.cli import main
-from lightning_peft.policy import list_presets
+from lightning_peft.policy import list_presets, preset_text
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
@@ -53,10 +53,10 @@ def _short_run(tmp_path: Path, steps: int = 4) -> Path:
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_plan_prints_the_table_for_every_preset(preset, capsys):
-    main(["plan", "--config", "configs/uuid_hybrid.yaml", "--adapters.policy", f"policies/{preset}.yaml"])
+    main(["plan", "--config", "configs/uuid_hybrid.yaml", "--adapters.policy", preset])
     out = capsys.readouterr().out
     assert "lightning-peft plan" in out and "total trainable" in out
-    methods = {r["method"] for r in yaml.safe_load((REPO / "policies" / f"{preset}.yaml").read_text())["rules"]}
+    methods = {r["method"] for r in yaml.safe_load(preset_text(preset))["rules"]}
     for method in methods:
         assert f"total {method}" in out
 
@@ -82,9 +82,13 @@ def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/uuid_hybrid.yaml", "--print_config"])
     assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["adapters"]["policy"] == "mora_outer_dora_inner"  # a preset name
+    with pytest.raises(SystemExit):
+        policy = "lightning_peft/presets/mora_outer_dora_inner.yaml"
+        main(["fit", "--config", "configs/uuid_hybrid.yaml", "--adapters.policy", policy, "--print_config"])
     printed = capsys.readouterr().out
     first = yaml.safe_load(printed)
-    # the policy file is inlined, so a printed/saved config records the policy itself
+    # a policy file is inlined, so a printed/saved config records the policy itself
     assert [r["name"] for r in first["adapters"]["policy"]["rules"]] == ["mora-outer", "dora-inner"]
     assert first["model"]["class_path"] == "lightning_peft.tasks.CausalLM"
     path = tmp_path / "printed.yaml"
@@ -95,7 +99,7 @@ def test_print_config_round_trips(tmp_path, capsys):
 
 
 def test_dotted_override_changes_the_policy(capsys):
-    main(["plan", "--config", "configs/uuid_hybrid.yaml", "--adapters.policy", "policies/dora_all.yaml"])
+    main(["plan", "--config", "configs/uuid_hybrid.yaml", "--adapters.policy", "dora_all"])
     out = capsys.readouterr().out
     assert "total dora" in out and "total mora" not in out
 
@@ -105,7 +109,7 @@ def test_dotted_override_changes_the_policy(capsys):
     [
         ({"model": {"init_args": {"hiden_size": 64}}}, "hiden_size"),  # a typo in a YAML key
         ({"model": {"init_args": {"lr": "fast"}}}, "lr"),  # a bad value
-        ({"adapters": {"policie": "policies/lora_all.yaml"}}, "policie"),
+        ({"adapters": {"policie": "lora_all"}}, "policie"),
         ({"diagnostics": {"every_n_steps": "often"}}, "every_n_steps"),
     ],
 )
@@ -233,3 +237,37 @@ def test_plain_lightning_cli_automatic_optimizer_is_caught(tmp_path):
     ]
     with pytest.raises(RuntimeError, match="no optimizer param group"):
         LightningCLI(args=args, save_config_kwargs={"overwrite": True})
+
+
+def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
+    """The crash-safe writer is the CLI's visible default for `trainer.plugins`, not a silent swap."""
+    from lightning_peft import AtomicCheckpointIO
+    from lightning_peft.cli import PeftCLI
+
+    cli = PeftCLI(args=["--config", "configs/uuid_lora.yaml", "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/uuid_lora.yaml", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["plugins"] == {
+        "class_path": "lightning_peft.AtomicCheckpointIO"
+    }
+    replaced = PeftCLI(
+        args=["--config", "configs/uuid_lora.yaml", "--trainer.plugins", "null", "--trainer.logger", "false"], run=False
+    )
+    assert not isinstance(replaced.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_without_a_logger_every_file_lands_under_default_root_dir(tmp_path, monkeypatch):
+    """`--trainer.logger false`: CSV, figures, config.yaml and checkpoints go to the config's
+    `default_root_dir`, nothing into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "uuid_lora.yaml"), "--adapters.policy", "lora_all"]
+        + ["--trainer.logger", "false", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+        + ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
+    )
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    root = "runs/uuid_lora/"
+    assert {root + "config.yaml", root + "update_diagnostics.csv", root + "updates_heatmap.png"} <= written
+    assert any(p.startswith(root + "checkpoints/") and p.endswith(".ckpt") for p in written)
+    assert all(p.startswith(root) for p in written), sorted(written)

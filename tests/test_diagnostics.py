@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -327,20 +328,9 @@ def token_data(n: int = 16, batch_size: int = 8, seed: int = 0) -> DataLoader:
 
 
 def fit(module, callbacks, tmp_path: Path, max_steps: int, loggers=False) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=loggers,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=5,
-    )
-    trainer.fit(module, token_data())
-    return trainer
+    tr = trainer(tmp_path, max_steps=max_steps, logger=loggers, callbacks=callbacks, log_every_n_steps=5)
+    tr.fit(module, token_data())
+    return tr
 
 
 def test_fit_writes_table_logs_and_figures(tmp_path, capsys):

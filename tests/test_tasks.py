@@ -7,6 +7,7 @@ import uuid
 import lightning as L
 import pytest
 import torch
+from helpers import trainer
 
 from lightning_peft.tasks import (
     TOPIC_GROUPS,
@@ -19,7 +20,7 @@ from lightning_peft.tasks import (
     UUIDMemorization,
     greedy_generate,
 )
-from lightning_peft.tasks._common import linear_schedule
+from lightning_peft.tasks._common import build_optimizer
 from lightning_peft.tasks.text_data import chunk_text
 
 TINY_LLAMA = {
@@ -49,18 +50,8 @@ class LossRecorder(L.Callback):
 
 
 def _trainer(max_steps: int, *callbacks: L.Callback, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=list(callbacks),
-        **{"limit_val_batches": 0, **kwargs},  # no validation inside fit unless asked
-    )
+    """The tests' quiet trainer, with no validation inside fit unless asked."""
+    return trainer(max_steps=max_steps, callbacks=list(callbacks), **{"limit_val_batches": 0, **kwargs})
 
 
 # -- UUID data -------------------------------------------------------------------------------------------------
@@ -213,10 +204,23 @@ def test_configure_optimizers_sees_only_trainable_params():
 
 
 def test_linear_warmup_and_decay_schedule():
-    f = linear_schedule(warmup_steps=4, total_steps=12, decay=True)
-    assert [f(s) for s in (0, 1, 3, 4, 8, 12)] == pytest.approx([0.25, 0.5, 1.0, 1.0, 0.5, 0.0])
-    g = linear_schedule(warmup_steps=0, total_steps=None, decay=False)
-    assert g(0) == g(1000) == 1.0
+    """LR per optimizer step: transformers' warm-up from 0 over 4 steps, then linear decay to 0 at step 12."""
+
+    def lrs(**kw) -> list[float]:
+        config = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=2.0, weight_decay=0.0, **kw)
+        optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        out = []
+        for _ in range(13):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    linear = lrs(warmup_steps=4, lr_schedule="linear", total_steps=12)
+    assert [linear[s] for s in (0, 1, 3, 4, 8, 12)] == pytest.approx([0.0, 0.5, 1.5, 2.0, 1.0, 0.0])
+    assert lrs(warmup_steps=2, lr_schedule="constant")[:4] == pytest.approx([0.0, 1.0, 2.0, 2.0])
+    plain = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=2.0, weight_decay=0.0)
+    assert isinstance(plain, torch.optim.AdamW)  # no schedule: the optimizer alone
 
 
 def test_greedy_generate_with_and_without_cache_agree():
@@ -226,6 +230,36 @@ def test_greedy_generate_with_and_without_cache_agree():
     without = greedy_generate(model.model, prompts, 12, use_cache=False)
     assert with_cache.shape == (3, 12)
     assert torch.equal(with_cache, without)
+    with torch.no_grad():  # make EOS (id 2) the likely next token: decoding must go on past it
+        model.model.lm_head.weight[2] = 3 * model.model.lm_head.weight[2] + 0.05 * model.model.lm_head.weight[5]
+    with_cache = greedy_generate(model.model, prompts, 12, use_cache=True)
+    assert (with_cache[:, :-1] == 2).any()
+    assert torch.equal(with_cache, greedy_generate(model.model, prompts, 12, use_cache=False))
+
+
+def _module_function(module: str, code: str, name: str, **env):
+    """A function whose frames belong to `module` (so warnings see it there)."""
+    namespace = {"__name__": module, **env}
+    exec(compile(code, module.replace(".", "/") + ".py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_deprecated_library_call_from_the_package_fails_the_suite():
+    """The conftest guard: a library's deprecation that our code triggers raises, even when the library
+    attributes the warning to its own frame (as transformers' `deprecate_kwarg` does)."""
+    import warnings
+
+    library = _module_function(
+        "transformers.probe",
+        "def old_api():\n    warnings.warn('old_api is deprecated', FutureWarning, stacklevel=1)\n",
+        "old_api",
+        warnings=warnings,
+    )
+    ours = _module_function("lightning_peft.probe", "def step():\n    old_api()\n", "step", old_api=library)
+    with pytest.raises(FutureWarning, match="lightning_peft.probe calls a deprecated API: old_api is deprecated"):
+        ours()
+    elsewhere = _module_function("lightning.probe", "def step():\n    old_api()\n", "step", old_api=library)
+    elsewhere()  # another package's deprecated call only warns: it is that package's business
 
 
 def test_uuid_fit_reduces_loss_and_validates():
@@ -379,8 +413,8 @@ def test_constructor_args_parse_from_a_lightning_cli(monkeypatch):
     args = ["--data.num_pairs=8", "--model.lr=0.01", "--model.lr_schedule=linear", "--model.num_hidden_layers=1"]
     cli = CLI(CausalLM, UUIDMemorization, run=False, args=[*args, "--trainer.logger=false"], seed_everything_default=0)
     assert cli.model.hparams.vocab_size == 21 and cli.model.hparams.lr == 0.01
-    assert cli.model.model.config.num_hidden_layers == 1 and cli.datamodule.num_pairs == 8
+    assert cli.model.model.config.num_hidden_layers == 1 and cli.datamodule.hparams.num_pairs == 8
 
     args = ["--model.pretrained_path=none", "--data.max_per_class=5", "--trainer.logger=false"]
     cli = LightningCLI(SequenceClassification, PydocTopics, run=False, args=args, seed_everything_default=0)
-    assert cli.model.embedding_dim == 64 and cli.datamodule.max_per_class == 5
+    assert cli.model.embedding_dim == 64 and cli.datamodule.hparams.max_per_class == 5

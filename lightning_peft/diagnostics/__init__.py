@@ -11,7 +11,6 @@ from .metrics import (
     pearson,
     spectrum_metrics,
     stable_rank,
-    update_metrics,
 )
 from .report import COLUMNS, METRICS, TABLE_FILE, draw_figures, read_table, render_report, summary_table
 from .spectra import UpdateProbe, dense_singular_values
@@ -37,5 +36,4 @@ __all__ = [
     "spectrum_metrics",
     "stable_rank",
     "summary_table",
-    "update_metrics",
 ]

@@ -1,9 +1,10 @@
-"""`UpdateDiagnostics`: per-layer update norms and spectra during `Trainer.fit` (DESIGN §6).
+"""`UpdateDiagnostics`: per-layer update norms and spectra during `Trainer.fit`.
 
-Hooks stay thin (reference/lightning.md §5, §7.2):
+What each metric means and where the files go: docs/diagnostics.md. Hooks stay thin:
 
 - `on_train_start` (after any checkpoint restore): find the adapted modules, resolve the log
-  dir (a collective, so on every rank), measure once: the first row is all zeros.
+  dir (`trainer.log_dir`, a collective, so on every rank; `default_root_dir` without a
+  logger), measure once: the first row is all zeros.
 - `on_train_batch_end`, every `every_n_steps` global steps, rank zero only: measure under
   `no_grad` in fp32/fp64, one host transfer, one `logger.log_metrics` call per logger
   (never `self.log` per key), and append the rows to `update_diagnostics.csv`.
@@ -159,7 +160,7 @@ class UpdateDiagnostics(Callback):
             rank_zero_warn("UpdateDiagnostics: the model carries no adapters (inject_adapters was not applied)")
         if not trainer.is_global_zero:
             return
-        self._probes, self._dir = probes, Path(log_dir or ".")
+        self._probes, self._dir = probes, Path(log_dir or trainer.default_root_dir)
         self.rows, self._last_step, self._grad = [], None, None
         try:
             self._resume_table(trainer.global_step)

@@ -38,6 +38,8 @@ EPS32 = torch.finfo(torch.float32).eps
 # An update this small relative to W0 is fp32 rounding (e.g. DoRA's m / ||V|| at init).
 ZERO_UPDATE_RTOL = 4 * EPS32
 
+# The metric names every module has; a method's own extras are named by the method itself,
+# and `report.METRICS` (the CSV columns) puts them together.
 SPECTRAL_METRICS = ("fro_norm", "rel_norm", "spectral_ratio", "stable_rank", "effective_rank", "r90")
 DRIFT_METRICS = ("mag_drift", "dir_drift")
 
@@ -169,42 +171,15 @@ def direction_drift(w_t: Tensor, w_0: Tensor) -> Tensor:
     return row_direction_change((dw * dw).sum(1), (dw * w_0).sum(1), w_0.norm(dim=1)).mean()
 
 
-def update_metrics(dw: Tensor, w0: Tensor) -> dict[str, Tensor]:
-    """Every metric of a dense update, the reference route: `svdvals` of `dW` in fp32.
-
-    Args:
-        dw: the update, `(out, in)`.
-        w0: the starting weight, `(out, in)`.
-
-    Returns:
-        0-d tensors keyed by `SPECTRAL_METRICS + DRIFT_METRICS`.
-    """
-    if dw.shape != w0.shape or dw.ndim != 2:
-        raise ValueError(f"`dw` and `w0` must be matrices of one shape, got {tuple(dw.shape)} and {tuple(w0.shape)}")
-    w0f, dwf = w0.detach().float(), dw.detach().float()
-    s = torch.linalg.svdvals(dwf)
-    out = spectrum_metrics(s, w0f.norm(), torch.linalg.matrix_norm(w0f, ord=2), max(dw.shape))
-    keep = (out["fro_norm"] > 0).to(out["fro_norm"].dtype)
-    dw_sq, dot, n_0 = (dwf * dwf).sum(1), (dwf * w0f).sum(1), w0f.norm(dim=1)
-    n_t = (n_0.to(keep.dtype).square() + 2 * dot.to(keep.dtype) + dw_sq.to(keep.dtype)).clamp_min(0).sqrt()
-    out["mag_drift"] = keep * magnitude_drift(n_t, n_0)
-    out["dir_drift"] = keep * row_direction_change(dw_sq, dot, n_0).mean()
-    return out
-
-
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of two equally long sequences; NaN when undefined (< 2 points, no spread)."""
+    """Pearson correlation (`torch.corrcoef`) over the pairs where both values are finite; NaN when
+    undefined (fewer than two such pairs, or no spread)."""
     if len(x) != len(y):
         raise ValueError(f"`x` and `y` must have one length, got {len(x)} and {len(y)}")
-    pairs = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 2:
+    pairs = torch.tensor([(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)])
+    if len(pairs) < 2 or bool((pairs.std(dim=0) == 0).any()):
         return math.nan
-    mx = sum(a for a, _ in pairs) / len(pairs)
-    my = sum(b for _, b in pairs) / len(pairs)
-    sxy = sum((a - mx) * (b - my) for a, b in pairs)
-    sxx = sum((a - mx) ** 2 for a, _ in pairs)
-    syy = sum((b - my) ** 2 for _, b in pairs)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+    return float(torch.corrcoef(pairs.T.double())[0, 1])
 
 
 def drift_correlation(rows: Iterable[Mapping[str, object]], min_step: int = 1) -> dict[str, float]:

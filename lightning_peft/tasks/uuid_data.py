@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from ._common import make_loader, pad_batch
 
 __all__ = ["UUID_LENGTH", "CharTokenizer", "UUIDMemorization", "make_uuid_pairs"]
 
@@ -117,29 +119,6 @@ def make_uuid_pairs(num_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
     return pairs
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a permutation drawn from `seed + epoch`, not from a running generator.
-
-    The order of epoch k is therefore the same in an uninterrupted run and in a run resumed
-    from a checkpoint at an epoch boundary (Lightning calls `set_epoch` every epoch).
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
 class _TrainSet(Dataset):
     def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer: CharTokenizer) -> None:
         self.items = [tokenizer.encode(f"{k}:{v}", add_bos=True, add_eos=True) for k, v in pairs]
@@ -165,17 +144,8 @@ class _EvalSet(Dataset):
         return {"ids": self.full[index], "prompt": self.prompts[index], "key": key, "value": value}
 
 
-def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        out[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
 def _lm_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    input_ids = _pad(seqs, pad_id)
-    attention_mask = _pad([[1] * len(s) for s in seqs], 0)
+    input_ids, attention_mask = pad_batch(seqs, pad_id)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -217,7 +187,7 @@ class UUIDMemorization(LightningDataModule):
         batch_size: Batch size of every data loader.
         num_workers: Data loader worker processes.
         eval_pairs: How many of the training pairs to evaluate generation on (the first ones); ``None`` = all.
-        shuffle: Shuffle the training pairs each epoch (with a generator seeded from ``seed``).
+        shuffle: Shuffle the training pairs each epoch (the order of epoch k is drawn from ``seed + k``).
     """
 
     def __init__(
@@ -237,12 +207,6 @@ class UUIDMemorization(LightningDataModule):
         if eval_pairs is not None and not 1 <= eval_pairs <= num_pairs:
             raise ValueError(f"eval_pairs must be in [1, num_pairs={num_pairs}] or None, got {eval_pairs}")
         self.save_hyperparameters()
-        self.num_pairs = num_pairs
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.eval_pairs = eval_pairs
-        self.shuffle = shuffle
         self.tokenizer = CharTokenizer()
         self._pairs: list[tuple[str, str]] | None = None
         self._train: _TrainSet | None = None
@@ -254,40 +218,26 @@ class UUIDMemorization(LightningDataModule):
         return self.tokenizer.vocab_size
 
     @property
-    def value_length(self) -> int:
-        """Number of tokens to generate for a value."""
-        return UUID_LENGTH
-
-    @property
     def pairs(self) -> list[tuple[str, str]]:
         """All ``(key, value)`` pairs, deterministic in ``seed``."""
         if self._pairs is None:
-            self._pairs = make_uuid_pairs(self.num_pairs, self.seed)
+            self._pairs = make_uuid_pairs(self.hparams.num_pairs, self.hparams.seed)
         return self._pairs
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
             self._train = _TrainSet(self.pairs, self.tokenizer)
-            n_eval = self.num_pairs if self.eval_pairs is None else self.eval_pairs
+            n_eval = self.hparams.num_pairs if self.hparams.eval_pairs is None else self.hparams.eval_pairs
             self._eval = _EvalSet(self.pairs[:n_eval], self.tokenizer)
-
-    def _loader(self, dataset: Dataset, collate, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self._train, _TrainCollate(self.tokenizer.pad_token_id), self.shuffle)
+        collate = _TrainCollate(self.tokenizer.pad_token_id)
+        return make_loader(self, self._train, collate, shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self._eval, _EvalCollate(self.tokenizer.pad_token_id), False)
+        return make_loader(self, self._eval, _EvalCollate(self.tokenizer.pad_token_id))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

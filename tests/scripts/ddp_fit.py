@@ -10,7 +10,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny builders
+from helpers import CausalLMModule, tiny_llama
 
 from lightning_peft import AdapterCallback, adapter_state_dict
 
@@ -22,29 +24,11 @@ POLICY = {
 }
 
 
-class TinyLM(L.LightningModule):
+class TinyLM(CausalLMModule):
+    """The tests' ordinary user module around a 4-block Llama (7 Linear layers per block)."""
+
     def __init__(self) -> None:
-        super().__init__()
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            config = LlamaConfig(
-                vocab_size=32,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-            self.model = LlamaForCausalLM(config)
-
-    def training_step(self, batch, batch_idx):
-        (tokens,) = batch
-        loss = self.model(input_ids=tokens, labels=tokens).loss
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        super().__init__(model=tiny_llama(0, num_hidden_layers=4))
 
 
 def main(out: Path, diagnostics: bool) -> None:

@@ -1,0 +1,685 @@
+"""Adapters that leave the tool: HF peft adapter folders, merged transformers checkpoints, peft import.
+
+    export_peft(model, "out/")     # LoRA/DoRA -> peft folder(s) (PeftModel.from_pretrained loads them)
+    export_merged(model, "out/")   # one transformers `save_pretrained` folder, adapters folded in
+    import_peft(model, "adapter/") # a peft LoRA/DoRA folder -> our layers (train on, diagnose)
+
+Layers peft cannot represent (MoRA, `full` modules, any other method) take a route the caller
+chooses: `fold` writes them into a copy of the base weights saved beside the adapter
+(`base/`), `svd` converts an additive update to LoRA by truncated SVD with a per-layer
+fidelity report. Without a route the export stops and names the layers. Every export is
+staged in a temporary folder next to the target and renamed into place: an error leaves
+nothing behind, and a non-empty target is refused unless `overwrite=True`.
+
+Names: a plan made on a LightningModule names modules with its attribute prefix
+(`model.model.layers.0...`); peft and transformers see the bare Hugging Face model. Every
+function here takes `submodule` (the attribute path of that model, e.g. `"model"`); by
+default the single `PreTrainedModel` child of a non-HF module is used. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapters.base import AdapterLinear, get_adapter_class
+from .inject import find_adapters, get_plan, inject_adapters, load_adapter_state
+from .names import prefix_hint
+from .peft_format import (
+    PEFT_TENSOR_NAMES,
+    PEFT_TYPES,
+    PeftFormatError,
+    PeftLayer,
+    adapter_config,
+    group_layers,
+    peft_state_dict,
+    read_peft_layers,
+    write_adapter,
+)
+from .policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
+
+MANIFEST_FILE = "lightning_peft_export.json"
+BASE_DIR = "base"
+ROUTES = ("fold", "svd")
+
+
+class ExportError(ValueError):
+    """An export or import that cannot be done as asked; nothing was written or changed."""
+
+
+# -- names and prefixes -------------------------------------------------------------------
+
+
+def resolve_submodule(model: nn.Module, submodule: str | None = None) -> tuple[str, nn.Module]:
+    """`(prefix, hf_model)`: the model peft/transformers see and the plan-name prefix in front of it.
+
+    `submodule` is an attribute path (`"model"`, `""` for the model itself). By default a
+    module that is not itself a transformers `PreTrainedModel` but has exactly one such child
+    (a LightningModule holding `self.model`) exports that child.
+    """
+    if submodule is None:
+        submodule = _default_submodule(model)
+    if not submodule:
+        return "", model
+    try:
+        hf = model.get_submodule(submodule)
+    except AttributeError:
+        raise ExportError(f"submodule {submodule!r} does not exist in {type(model).__name__}") from None
+    return normalise_name(submodule) + ".", hf
+
+
+def _default_submodule(model: nn.Module) -> str:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ""
+    if isinstance(model, PreTrainedModel):
+        return ""
+    children = [n for n, c in model.named_children() if isinstance(c, PreTrainedModel)]
+    return children[0] if len(children) == 1 else ""
+
+
+def _strip_prefix(rows: list[PlanRow], prefix: str) -> dict[str, PlanRow]:
+    outside = [r.name for r in rows if not r.name.startswith(prefix)]
+    if outside:
+        raise ExportError(
+            f"Planned module(s) {outside[:4]} lie outside the exported submodule {prefix[:-1]!r}; "
+            "pass submodule='' to export the whole model"
+        )
+    return {r.name[len(prefix) :]: r for r in rows}
+
+
+# -- staging: nothing half-written --------------------------------------------------------
+
+
+def check_target(target: str | Path, overwrite: bool) -> Path:
+    """Refuse a target that is a file, or a non-empty folder unless `overwrite`."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"Export target {str(target)!r} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"Export target {str(target)!r} exists and is not empty; pass overwrite=True (--overwrite)")
+    return target
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder next to `target`; rename it into place only if the block succeeds."""
+    check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerFidelity:
+    """How well one layer's update survived its LoRA conversion (truncated SVD)."""
+
+    module: str
+    method: str
+    rank: int
+    full_rank: int
+    energy: float  # share of ||dW||_F^2 kept by the kept singular values
+    rel_error: float  # ||dW - B A||_F / ||dW||_F
+    max_logit_diff: float | None  # this layer alone converted, on the probe batch
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and what it changed on the way."""
+
+    path: str
+    format: str
+    adapters: dict[str, list[str]] = field(default_factory=dict)  # adapter folder -> modules
+    folded: list[str] = field(default_factory=list)
+    converted: list[LayerFidelity] = field(default_factory=list)
+    max_logit_diff: float | None = None  # every conversion at once, on the probe batch
+    prefix: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self):
+        """A rich table of the converted layers (empty when nothing was converted)."""
+        from rich.table import Table
+
+        table = Table(title=f"SVD conversion to LoRA (all layers at once: max |logit diff| {self.max_logit_diff})")
+        for col in ("module", "method", "rank", "of", "energy", "rel. Frobenius error", "max |logit diff|"):
+            table.add_column(col, justify="left" if col in ("module", "method") else "right", overflow="fold")
+        for f in self.converted:
+            diff = "-" if f.max_logit_diff is None else f"{f.max_logit_diff:.3e}"
+            table.add_row(
+                f.module, f.method, str(f.rank), str(f.full_rank), f"{f.energy:.6f}", f"{f.rel_error:.3e}", diff
+            )
+        return table
+
+
+# -- export to peft -------------------------------------------------------------------------
+
+
+def _hparams_with_defaults(row: PlanRow) -> dict[str, Any]:
+    """The row's hyper-parameters with the method's own defaults filled in (its signature is the schema)."""
+    params = inspect.signature(get_adapter_class(row.method).__init__).parameters
+    defaults = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    return {**defaults, **row.hparams}
+
+
+def _peft_layer(name: str, row: PlanRow, layer: AdapterLinear) -> PeftLayer:
+    names = PEFT_TENSOR_NAMES[row.method]
+    state = layer.adapter.state_dict()
+    unknown = sorted(set(state) - set(names))
+    if unknown:
+        raise ExportError(f"{row.name}: {row.method} tensors {unknown} have no place in peft's format")
+    hp = _hparams_with_defaults(row)
+    return PeftLayer(
+        name=name,
+        r=int(hp["r"]),
+        alpha=float(hp.get("alpha", hp["r"])),
+        use_dora=row.method == "dora",
+        use_rslora=bool(hp.get("use_rslora", False)),
+        dropout=float(hp.get("dropout", 0.0)),
+        fan_in_fan_out=row.layer_type != "Linear",
+        tensors={names[k]: v for k, v in state.items()},
+        peft_type=PEFT_TYPES[row.method],
+    )
+
+
+def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tuple[Any, Any]) -> dict[str, str]:
+    """Each row's route: `peft`, `fold` or `svd`; a layer without one is a named error."""
+    routes = dict(routes or {})
+    for method, route in routes.items():
+        if route not in ROUTES:
+            raise ExportError(f"routes[{method!r}] = {route!r}; choose one of {list(ROUTES)}")
+    chosen, stuck = {}, []
+    for name, row in rows.items():
+        route = routes.get(row.method, "peft" if row.method in PEFT_TENSOR_NAMES else None)
+        if route == "svd" and row.method == "full":
+            raise ExportError(
+                f"{row.name}: a `full` module has no low-rank update to convert; use routes={{'full': 'fold'}}"
+            )
+        if route is None:
+            stuck.append(f"{row.name} ({row.method})")
+        chosen[name] = route
+    if stuck:
+        raise ExportError(
+            f"peft's LoRA format cannot represent {len(stuck)} layer(s), e.g. {stuck[:4]}; choose a route per "
+            "method: routes={'<method>': 'fold'} writes them into the base weights saved beside the adapter, "
+            "'svd' converts them to LoRA (with svd_rank or svd_energy)"
+        )
+    if "svd" in chosen.values() and (svd[0] is None) == (svd[1] is None):
+        raise ExportError("the 'svd' route needs exactly one of svd_rank (an int) or svd_energy (in (0, 1])")
+    if svd[1] is not None and not 0.0 < float(svd[1]) <= 1.0:
+        raise ExportError(f"svd_energy must be in (0, 1], got {svd[1]!r}")
+    if svd[0] is not None and (isinstance(svd[0], bool) or not isinstance(svd[0], int) or svd[0] < 1):
+        raise ExportError(f"svd_rank must be a positive integer, got {svd[0]!r}")
+    return chosen
+
+
+def _check_exportable(model: nn.Module) -> Plan:
+    plan = get_plan(model)
+    if plan is None:
+        raise ExportError(f"{type(model).__name__} carries no lightning-peft adapters (nothing to export)")
+    merged = [n for n, layer in find_adapters(model) if layer.merged]
+    if merged:
+        raise ExportError(
+            f"The model's adapters are merged (e.g. {merged[0]}): its base weights already hold the updates, "
+            "so exporting the adapters would apply them twice; call unmerge_adapters() first"
+        )
+    return plan
+
+
+def export_peft(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    submodule: str | None = None,
+    routes: dict[str, str] | None = None,
+    svd_rank: int | None = None,
+    svd_energy: float | None = None,
+    probe: Tensor | dict[str, Tensor] | None = None,
+    save_base: bool = False,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Write the model's adapters as HF peft adapter folder(s) (LoRA/DoRA, or HiRA); see the module docstring.
+
+    One flag set (use_dora, use_rslora, dropout, Conv1D) gives one adapter at `out` itself:
+    `PeftModel.from_pretrained(base, out)` loads it. Several give one subfolder each, loaded
+    and activated together by `load_peft_export(base, out)` (or the four lines in `out/README.md`).
+
+    Args:
+        model: a model with injected, unmerged adapters (left unchanged).
+        out: the target folder.
+        submodule: attribute path of the model peft wraps (default: see `resolve_submodule`).
+        routes: per method, `fold` or `svd`, for layers peft cannot represent (`full` only folds).
+        svd_rank / svd_energy: the `svd` route's rank, or the share of `||dW||_F^2` to keep.
+        probe: inputs for the logit check of `svd` conversions (random token ids by default).
+        save_base: also write the (unmodified) base model to `out/base/` (always done when folding).
+        overwrite: replace a non-empty `out`.
+    """
+    plan = _check_exportable(model)
+    prefix, hf = resolve_submodule(model, submodule)
+    rows = _strip_prefix(plan.rows, prefix)
+    chosen = _routes_for(rows, routes, (svd_rank, svd_energy))
+    _check_one_peft_type(rows, chosen)
+    check_target(out, overwrite)
+    layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
+    peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]
+    report = ExportReport(path=str(out), format="peft", prefix=prefix)
+    work = copy.deepcopy(hf) if save_base or set(chosen.values()) & set(ROUTES) else None
+    if "svd" in chosen.values():
+        assert work is not None
+        converted = convert_to_lora(
+            work, [n for n, r in chosen.items() if r == "svd"], rows, svd_rank, svd_energy, probe, report
+        )
+        peft_layers += converted
+    report.folded = [rows[n].name for n, r in chosen.items() if r == "fold"]
+    if work is not None:
+        unwrap(work, merge={n for n, r in chosen.items() if r == "fold"})
+    groups = group_layers(peft_layers)
+    all_names = [normalise_name(n) for n, _ in hf.named_modules() if n]
+    source = getattr(getattr(hf, "config", None), "_name_or_path", None) or None
+    with staged_folder(Path(out), overwrite) as tmp:
+        for name, group in groups.items():
+            folder = tmp if len(groups) == 1 else tmp / name
+            write_adapter(folder, adapter_config(group, all_names, source), peft_state_dict(group))
+            report.adapters["." if len(groups) == 1 else name] = [x.name for x in group]
+        write_base = save_base or "fold" in chosen.values()  # `svd` alone leaves the base as it was
+        if write_base:
+            assert work is not None
+            _save_pretrained(work, tmp / BASE_DIR)
+        _write_manifest(tmp, report, base=write_base)
+    return report
+
+
+def _check_one_peft_type(rows: dict[str, PlanRow], chosen: dict[str, str]) -> None:
+    """One `PeftModel` holds one tuner type: HiRA and LoRA/DoRA adapters cannot be loaded together."""
+    types: dict[str, list[str]] = {}
+    for name, route in chosen.items():
+        if route in ("peft", "svd"):  # `svd` writes LoRA
+            types.setdefault(PEFT_TYPES[rows[name].method] if route == "peft" else "LORA", []).append(rows[name].name)
+    if len(types) > 1:
+        raise ExportError(
+            f"peft loads one adapter type per model, and this plan needs HiRA ({types['HIRA'][:3]}) beside "
+            "LoRA/DoRA; choose routes={'hira': 'svd'} (HiRA as LoRA) or {'hira': 'fold'} (into the saved base)"
+        )
+
+
+def _write_manifest(folder: Path, report: ExportReport, base: bool) -> None:
+    data = {**report.to_dict(), "base": BASE_DIR if base else None}
+    (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=1))
+    lines = ["# Exported by lightning-peft", "", "```python", "from peft import PeftModel"]
+    if base:
+        lines += [
+            "from transformers import AutoModel  # or AutoModelForCausalLM, ...",
+            "base = AutoModel.from_pretrained('base')",
+        ]
+    names = list(report.adapters)
+    if names == ["."]:
+        lines += ["model = PeftModel.from_pretrained(base, '.')"]
+    elif names:
+        lines += [f"model = PeftModel.from_pretrained(base, '{names[0]}', adapter_name='{names[0]}')"]
+        lines += [f"model.load_adapter('{n}', adapter_name='{n}')" for n in names[1:]]
+        lines += [f"model.base_model.set_adapter({names})  # all active at once: they adapt disjoint modules"]
+    lines += ["```", "", "Or: `lightning_peft.load_peft_export(base, folder)`. Details: lightning-peft docs/export.md."]
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _save_pretrained(model: nn.Module, folder: Path) -> None:
+    if not hasattr(model, "save_pretrained"):
+        raise ExportError(
+            f"{type(model).__name__} has no save_pretrained (not a transformers model); pass submodule= naming "
+            "the Hugging Face model inside it"
+        )
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def unwrap(model: nn.Module, merge: set[str] | None = None) -> nn.Module:
+    """Replace every `AdapterLinear` of `model` by its plain base layer, in place (call it on a copy).
+
+    Layers named in `merge` (names relative to `model`) are merged first; the others get
+    their unmodified base weights back.
+    """
+    merge = merge or set()
+    for raw, layer in find_adapters(model):
+        if normalise_name(raw) in merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        parent_name, _, child = raw.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    return model
+
+
+# -- SVD conversion -------------------------------------------------------------------------
+
+
+def svd_factors(delta: Tensor, rank: int | None, energy: float | None) -> tuple[Tensor, Tensor, float, int]:
+    """LoRA factors `B (out, k)`, `A (k, in)` of the best rank-k approximation of `delta` (Eckart-Young).
+
+    Returns `(B, A, energy_kept, full_rank)`; computed in fp64, returned in fp32.
+    """
+    u, s, vh = torch.linalg.svd(delta.detach().double().cpu(), full_matrices=False)
+    full = s.numel()
+    total = float(s.square().sum())
+    if rank is None:
+        assert energy is not None
+        cumulative = s.square().cumsum(0) / max(total, 1e-300)
+        rank = int((cumulative < energy - 1e-12).sum()) + 1
+    k = min(rank, full)
+    root = s[:k].sqrt()
+    kept = float(s[:k].square().sum()) / total if total > 0 else 1.0
+    return (u[:, :k] * root).float(), (root[:, None] * vh[:k]).float(), kept, full
+
+
+def _outputs(model: nn.Module, probe: Tensor | dict[str, Tensor]) -> Tensor:
+    out = model(**probe) if isinstance(probe, dict) else model(input_ids=probe)
+    for attr in ("logits", "last_hidden_state"):
+        if getattr(out, attr, None) is not None:
+            return getattr(out, attr).float()
+    return (out if isinstance(out, Tensor) else out[0]).float()
+
+
+def default_probe(model: nn.Module) -> Tensor | None:
+    """Random token ids `(2, 16)` in the model's vocabulary (seeded), or `None` for a non-token model."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab:
+        return None
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, int(vocab), (2, 16), generator=generator).to(device)
+
+
+@torch.no_grad()
+def convert_to_lora(
+    work: nn.Module,
+    names: list[str],
+    rows: dict[str, PlanRow],
+    rank: int | None,
+    energy: float | None,
+    probe: Tensor | dict[str, Tensor] | None,
+    report: ExportReport,
+) -> list[PeftLayer]:
+    """Truncated-SVD LoRA for each named layer of `work` (a copy), with its fidelity in `report`.
+
+    The logit check swaps each layer (then all of them) for a LoRA layer carrying the
+    factors, the exact peft forward, and compares with the unconverted copy.
+    """
+    work.eval()
+    probe = default_probe(work) if probe is None else probe
+    reference = _outputs(work, probe) if probe is not None else None
+    adapters = {normalise_name(n): (n, layer) for n, layer in find_adapters(work)}
+    out, swaps = [], []
+    for name in names:
+        raw, layer = adapters[name]
+        delta = layer.delta_weight()
+        b, a, kept, full = svd_factors(delta, rank, energy)
+        k = a.shape[0]
+        err = float(torch.linalg.matrix_norm(delta.double().cpu() - b.double() @ a.double()))
+        rel = err / max(float(torch.linalg.matrix_norm(delta.double())), 1e-300) if err > 0 else 0.0
+        hp = _hparams_with_defaults(rows[name])
+        lora = _lora_layer(layer, a, b, float(hp.get("dropout", 0.0)))
+        diff = _swap_diff(work, raw, layer, lora, probe, reference) if reference is not None else None
+        swaps.append((raw, lora))
+        report.converted.append(LayerFidelity(rows[name].name, rows[name].method, k, full, kept, rel, diff))
+        tensors = {"lora_A.weight": a, "lora_B.weight": b}
+        out.append(
+            PeftLayer(
+                name,
+                k,
+                float(k),
+                False,
+                False,
+                float(hp.get("dropout", 0.0)),
+                rows[name].layer_type != "Linear",
+                tensors,
+            )
+        )
+    if reference is not None and swaps:
+        originals = [(raw, work.get_submodule(raw)) for raw, _ in swaps]
+        for raw, lora in swaps:
+            _set(work, raw, lora)
+        report.max_logit_diff = float((_outputs(work, probe) - reference).abs().max())
+        for raw, original in originals:
+            _set(work, raw, original)
+    return out
+
+
+def _lora_layer(layer: AdapterLinear, a: Tensor, b: Tensor, dropout: float) -> AdapterLinear:
+    """A LoRA layer (scaling 1: alpha = r) over the same base, carrying the SVD factors."""
+    k = a.shape[0]
+    lora = get_adapter_class("lora")(layer.in_features, layer.out_features, r=k, alpha=k, dropout=dropout)
+    new = AdapterLinear(layer.base, lora)
+    load = {"lora_A": a, "lora_B": b}
+    for key, value in new.adapter.state_dict().items():
+        value.copy_(load[key])
+    return new.eval()
+
+
+def _set(model: nn.Module, raw: str, module: nn.Module) -> None:
+    parent_name, _, child = raw.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _swap_diff(work: nn.Module, raw: str, layer: nn.Module, new: nn.Module, probe: Any, reference: Tensor) -> float:
+    _set(work, raw, new)
+    try:
+        return float((_outputs(work, probe) - reference).abs().max())
+    finally:
+        _set(work, raw, layer)
+
+
+# -- export merged ----------------------------------------------------------------------------
+
+
+def export_merged(model: nn.Module, out: str | Path, *, submodule: str | None = None, overwrite: bool = False) -> Path:
+    """Write a transformers `save_pretrained` folder of the merged model (no adapter wrappers).
+
+    The merge and unwrap happen on a copy: `model` keeps its adapters, unmerged. A model
+    whose adapters are already merged exports as is (its base weights hold the updates).
+    """
+    if get_plan(model) is None:
+        raise ExportError(f"{type(model).__name__} carries no lightning-peft adapters (nothing to merge)")
+    prefix, hf = resolve_submodule(model, submodule)
+    _strip_prefix(get_plan(model).rows, prefix)
+    if not hasattr(hf, "save_pretrained"):
+        _save_pretrained(hf, Path(out))  # raises the named error
+    check_target(out, overwrite)
+    merged = copy.deepcopy(hf)
+    for raw, layer in find_adapters(merged):
+        layer.merge()
+        _set(merged, raw, layer.base)
+    with staged_folder(Path(out), overwrite) as tmp:
+        _save_pretrained(merged, tmp)
+    return Path(out)
+
+
+# -- loading an export with peft --------------------------------------------------------------
+
+
+def load_peft_export(base: nn.Module, folder: str | Path, is_trainable: bool = False) -> nn.Module:
+    """Load an `export_peft` folder onto `base` with HF peft: one adapter or several, all active."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    names = list(manifest["adapters"])
+    if names == ["."]:
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
+    model = PeftModel.from_pretrained(base, str(folder / names[0]), adapter_name=names[0], is_trainable=is_trainable)
+    for name in names[1:]:
+        model.load_adapter(str(folder / name), adapter_name=name, is_trainable=is_trainable)
+    model.base_model.set_adapter(names, inference_mode=not is_trainable)
+    return model
+
+
+# -- import from peft -------------------------------------------------------------------------
+
+
+def peft_policy(source: str | Path | list[PeftLayer], prefix: str = "") -> LayerPolicy:
+    """A policy that reproduces a peft adapter's layers exactly: one rule per (method, hyper-parameters).
+
+    `source` is a peft adapter folder (or its read layers); `prefix` goes in front of every
+    module name (`"model."` for a LightningModule holding the HF model as `self.model`).
+    Give it to `AdapterCallback` to train an imported adapter on.
+    """
+    layers = read_peft_layers(source) if isinstance(source, str | Path) else source
+    groups: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
+    for x in layers:
+        method = "dora" if x.use_dora else "lora"
+        hp = {"r": x.r, "alpha": x.alpha, "dropout": x.dropout, "use_rslora": x.use_rslora}
+        key = json.dumps([method, hp], sort_keys=True)
+        groups.setdefault(key, (method, hp, []))[2].append(prefix + x.name)
+    rules = [
+        Rule(method=m, modules=names, hparams=hp, name=f"peft-{m}-r{hp['r']}-alpha{hp['alpha']:g}")
+        for m, hp, names in groups.values()
+    ]
+    return LayerPolicy(rules=rules, strict=True)
+
+
+def import_peft(model: nn.Module, directory: str | Path, *, submodule: str | None = None) -> Plan:
+    """Inject the layers of a peft LoRA/DoRA folder into `model` and load its tensors.
+
+    The model can then train on (under `AdapterCallback(policy=...)` or as is), or be
+    measured by the per-layer diagnostics. Everything is checked before the model changes.
+
+    Raises:
+        PeftFormatError: not a LoRA/DoRA adapter (LoHa, IA3, ...), or an unsupported option.
+        ExportError: the adapter's modules are not in the model (the message suggests a prefix).
+    """
+    layers = read_peft_layers(directory)
+    prefix, _ = resolve_submodule(model, submodule)
+    if get_plan(model) is not None:
+        raise ExportError("The model already carries adapters; call remove_adapters() before importing")
+    modules = {normalise_name(n): m for n, m in model.named_modules() if n}
+    for x in layers:
+        name = prefix + x.name
+        if name not in modules:
+            raise ExportError(
+                f"{directory}: module {name!r} is not in {type(model).__name__}." + prefix_hint(name, list(modules))
+            )
+        _check_factor_shapes(name, x, modules[name])
+    plan = peft_policy(layers, prefix).resolve(model)
+    expected = {prefix + x.name for x in layers}
+    if {r.name for r in plan.rows} != expected:
+        extra = sorted({r.name for r in plan.rows} - expected)
+        raise ExportError(f"{directory}: module names are ambiguous in this model (also matched {extra[:4]})")
+    inject_adapters(model, plan)
+    state = {}
+    for x in layers:
+        ours = {v: k for k, v in PEFT_TENSOR_NAMES["dora" if x.use_dora else "lora"].items()}
+        state.update({f"{prefix}{x.name}.adapter.{ours[k]}": v for k, v in x.tensors.items()})
+    load_adapter_state(model, state)
+    return plan
+
+
+AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_class: str | None = None) -> Path:
+    """Per-layer update diagnostics of a peft LoRA/DoRA adapter trained elsewhere, written for `report`.
+
+    The base is loaded from a local folder with the transformers Auto class its `task_type`
+    implies (`AutoModel` when it has none), the adapter is read into our layers, and one
+    row per module (update norm, spectral ratio, ranks, DoRA drift) goes to
+    `out/update_diagnostics.csv`.
+    """
+    import transformers
+
+    from .diagnostics.snapshot import write_snapshot
+    from .peft_format import read_peft_config
+
+    config = read_peft_config(adapter)
+    name = auto_class or AUTO_CLASSES.get(str(config.get("task_type")), "AutoModel")
+    if not hasattr(transformers, name):
+        raise ExportError(f"auto_class {name!r} is not a transformers class")
+    if not Path(base).is_dir():
+        raise ExportError(f"base {str(base)!r} is not a local model folder")
+    model = getattr(transformers, name).from_pretrained(str(base), local_files_only=True)
+    import_peft(model, adapter, submodule="")
+    return write_snapshot(model, out)
+
+
+def _check_factor_shapes(name: str, x: PeftLayer, module: nn.Module) -> None:
+    from .adapters.base import is_supported_layer, layer_shape
+
+    if not is_supported_layer(module):
+        raise ExportError(f"module {name!r} is a {type(module).__name__}; LoRA layers wrap Linear/Conv1D")
+    in_f, out_f = layer_shape(module)
+    want = {"lora_A.weight": (x.r, in_f), "lora_B.weight": (out_f, x.r), "lora_magnitude_vector": (out_f,)}
+    for key, tensor in x.tensors.items():
+        if tuple(tensor.shape) != want[key]:
+            raise ExportError(
+                f"{name}.{key}: stored shape {tuple(tensor.shape)}, the {in_f}->{out_f} layer needs {want[key]}"
+            )
+
+
+__all__ = [
+    "ExportError",
+    "ExportReport",
+    "LayerFidelity",
+    "PeftFormatError",
+    "diagnose_peft",
+    "export_merged",
+    "export_peft",
+    "import_peft",
+    "load_peft_export",
+    "peft_policy",
+    "resolve_submodule",
+    "svd_factors",
+    "unwrap",
+]
+
+
+# -- from a finished run's checkpoint -------------------------------------------------------
+
+
+def export_checkpoint(
+    model: nn.Module, ckpt_path: str | Path, out: str | Path, *, format: str = "peft", **options: Any
+) -> ExportReport | Path:
+    """Rebuild a run's adapters on a freshly built `model` from its checkpoint, then export.
+
+    `model` is the module the run trained (built from the run's config, without adapters);
+    the checkpoint's stored plan is injected and its tensors loaded before exporting.
+    `format` is `peft` (`options` as `export_peft`) or `merged` (`submodule`, `overwrite`).
+    """
+    from .callback import restore_from_checkpoint
+
+    if format not in ("peft", "merged"):
+        raise ExportError(f"format must be 'peft' or 'merged', got {format!r}")
+    check_target(out, bool(options.get("overwrite", False)))
+    restore_from_checkpoint(model, ckpt_path)  # weights_only=True; the stored plan and tensors are checked
+    if format == "merged":
+        return export_merged(model, out, **options)
+    return export_peft(model, out, **options)

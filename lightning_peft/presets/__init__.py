@@ -1,0 +1,1 @@
+"""Policy presets shipped as package data: `LayerPolicy.from_yaml("<name>")` finds them from any directory."""
