@@ -510,6 +510,8 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     pilot. A finished pilot of the same config and pilot settings in `out_dir` is reused (the
     thresholds and the budget can be changed without training again).
     """
+    import hashlib
+
     import yaml
 
     from .diagnostics import TABLE_FILE, read_table
@@ -523,7 +525,8 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     pilot_dir = out / "pilot"
     pilot_dir.mkdir(parents=True, exist_ok=True)
     pilot_path = pilot_dir / "pilot_policy.yaml"
-    text = f"# pilot of {Path(config).resolve()}, {settings.pilot_steps} steps\n"
+    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]  # a changed config re-runs the pilot
+    text = f"# pilot of {Path(config).resolve()} (sha256 {digest}), {settings.pilot_steps} steps\n"
     text += yaml.safe_dump(pilot_policy(settings, carried), sort_keys=False)
     done = (pilot_dir / TABLE_FILE).is_file() and pilot_path.is_file() and pilot_path.read_text() == text
     if not done:
