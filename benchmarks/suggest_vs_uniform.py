@@ -21,7 +21,7 @@ import lightning
 import torch
 import transformers
 
-from lightning_peft.compare import Variant, read_curves, run_comparison
+from lightning_peft.compare import Variant, read_comparison, read_curves, run_comparison
 from lightning_peft.suggest import SuggestSettings, comparison_variants, suggest
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--pilot-steps", type=int, default=50)
     parser.add_argument("--metric", default="val_char_acc")
     parser.add_argument("--forget", default="forget/prior_char_acc_change")
+    parser.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, train nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -52,7 +53,10 @@ def main() -> None:
     variants = [
         Variant(f"{v.name}-s{seed}", {**v.overrides, "seed_everything": seed}) for v in base for seed in args.seeds
     ]
-    records = run_comparison(args.config, variants, out / "runs", metric=args.metric, forget_metric=args.forget)
+    if args.report_only:
+        records = read_comparison(out / "runs")
+    else:
+        records = run_comparison(args.config, variants, out / "runs", metric=args.metric, forget_metric=args.forget)
     curves = read_curves(out / "runs")
     print(f"\nbudget {args.budget:,}; suggested policy: {result.policy_path}\n")
     print(f"| policy | trainable | {args.metric} (end) | {args.forget} (end) | {args.metric} by step |")
@@ -67,7 +71,8 @@ def main() -> None:
             for s in steps
         )
         params = runs[0].trainable_params if runs else 0
-        print(f"| {v.name} | {params:,} | {mean_std(learn)} | {mean_std(forget)} | {by_step} |")
+        seeds = len(runs)
+        print(f"| {v.name} ({seeds} seeds) | {params:,} | {mean_std(learn)} | {mean_std(forget)} | {by_step} |")
     print(
         f"\nseeds {args.seeds}, pilot {args.pilot_steps} steps; torch {torch.__version__}, lightning "
         f"{lightning.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}, "
