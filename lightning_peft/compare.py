@@ -194,6 +194,9 @@ def _parse_only_cli():
         def instantiate_classes(self) -> None:
             return None
 
+        def after_instantiate_classes(self) -> None:  # nothing was instantiated to configure
+            return None
+
         def _run_subcommand(self, subcommand: str) -> None:
             return None
 
