@@ -6,6 +6,8 @@
     lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
     lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
     lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
+    lightning-peft compare rank-search --config search.yaml   # the LoRA article's rank search (rank_search)
+    lightning-peft suggest CONFIG --settings.budget N         # a per-layer policy from a pilot run (suggest)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -118,7 +120,7 @@ class PeftCLI(LightningCLI):
             "parser_kwargs",
             {
                 "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
-                "`lightning-peft compare --config COMPARISON`."
+                "`lightning-peft compare --config COMPARISON`, `lightning-peft inspect PEFT_ADAPTER BASE_MODEL`."
             },
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
@@ -256,6 +258,14 @@ def main(args: list[str] | None = None) -> None:
             print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
+    if argv[:2] == ["compare", "rank-search"]:  # the LoRA article's rank search, a mode of compare
+        from .rank_search import rank_search_main
+
+        sys.exit(rank_search_main(argv[2:]))
+    if argv and argv[0] == "suggest":
+        from .suggest import suggest_main
+
+        sys.exit(suggest_main(argv[1:]))
     if argv and argv[0] == "compare":
         from .compare import compare_main
 

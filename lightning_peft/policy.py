@@ -48,6 +48,7 @@ from .adapters.base import (
     layer_shape,
     supported_layer_types,
 )
+from .optim_groups import OptimSettings, as_optim_settings, check_rule_optim
 from .schema import ConfigInputError, load_yaml, read_yaml_file, signature_types, type_error
 
 SPECIAL_METHODS = ("none", "full")
@@ -206,6 +207,8 @@ class Rule:
         depth: optional block selector.
         hparams: keyword arguments of the method, e.g. `{r: 8, alpha: 16}`.
         name: label used in plans and error messages (defaults to `rule <index>`).
+        optim: per-rule optimizer settings (`lr` or `lr_scale`, `weight_decay`,
+            `lora_plus_ratio`), applied as param groups at fit start (`optim_groups.py`).
     """
 
     method: str
@@ -213,12 +216,14 @@ class Rule:
     depth: DepthSelector | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    optim: OptimSettings | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.modules, str | tuple):
             self.modules = [self.modules] if isinstance(self.modules, str) else list(self.modules)
         self.depth = DepthSelector.from_value(self.depth)
         self.hparams = {} if self.hparams is None else self.hparams
+        self.optim = as_optim_settings(self.optim)
         check_fields(self)
         self.hparams = dict(self.hparams)
         if not self.modules:
@@ -230,6 +235,7 @@ class Rule:
                 except re.error as err:
                     raise PolicyError(f"bad regex {pattern!r}: {err}") from None
         check_method_hparams(self.method, self.hparams)
+        check_rule_optim(self.method, self.optim)
 
     @classmethod
     def from_value(cls, value: Any) -> Rule:
@@ -316,6 +322,7 @@ class PlanRow:
     hparams: dict[str, Any]
     params: int
     rule: int
+    optim: dict[str, float] = field(default_factory=dict)  # the rule's optimizer settings (may be absent)
 
 
 @dataclass
@@ -359,30 +366,36 @@ class Plan:
         from rich.table import Table
 
         table = Table(title=title, show_lines=False)
-        for col in ("block", "module", "method", "hyper-parameters", "params", "% of model"):
+        optim_col = any(r.optim for r in self.rows)
+        columns = ("block", "module", "method", "hyper-parameters", "params", "% of model")
+        columns = (*columns[:4], "optimizer", *columns[4:]) if optim_col else columns
+        for col in columns:
             table.add_column(
                 col, justify="right" if col in ("block", "params", "% of model") else "left", overflow="fold"
             )
         for r in self.rows:
             hp = ", ".join(f"{k}={v}" for k, v in sorted(r.hparams.items()))
+            optim = [OptimSettings(**r.optim).describe() or "-"] if optim_col else []
             table.add_row(
                 "-" if r.block is None else str(r.block),
                 r.kind,
                 r.method,
                 hp,
+                *optim,
                 f"{r.params:,}",
                 f"{100 * r.params / max(self.model_params, 1):.3f}",
             )
         table.add_section()
+        pad = [""] if optim_col else []
         for method, params in sorted(self.params_by_method().items()):
-            table.add_row(
-                "", f"total {method}", method, "", f"{params:,}", f"{100 * params / max(self.model_params, 1):.3f}"
-            )
+            share = f"{100 * params / max(self.model_params, 1):.3f}"
+            table.add_row("", f"total {method}", method, "", *pad, f"{params:,}", share)
         table.add_row(
             "",
             "total trainable",
             "",
             "",
+            *pad,
             f"{self.trainable_params:,}",
             f"{100 * self.trainable_params / max(self.model_params, 1):.3f}",
         )
@@ -577,6 +590,10 @@ class LayerPolicy:
         for rule in data["rules"]:
             if rule["depth"] is not None:
                 rule["depth"] = {k: v for k, v in rule["depth"].items() if v is not None}
+            if rule.get("optim") is not None:
+                rule["optim"] = {k: v for k, v in rule["optim"].items() if v is not None}
+            else:
+                rule.pop("optim", None)
         return data
 
     # -- resolution: plain steps, top to bottom --------------------------------------------
@@ -687,6 +704,7 @@ class LayerPolicy:
                     dict(rule.hparams),
                     params,
                     winner,
+                    rule.optim.to_dict() if rule.optim else {},  # travels with the plan: table, JSON, checkpoints
                 )
             )
         return rows, unsupported

@@ -124,10 +124,12 @@ def plan_from_stored(data: Any, source: str) -> Plan:
 
 def _row_from_stored(raw: Any, index: int, source: str) -> PlanRow:
     names = [f.name for f in dataclasses.fields(PlanRow)]
+    # fields with a default (a row's `optim`) may be absent: plans written before they existed
+    required = {f.name for f in dataclasses.fields(PlanRow) if f.default is f.default_factory is dataclasses.MISSING}
     where = f"{source}: plan row {index}"
-    if not isinstance(raw, dict) or set(raw) != set(names):
+    if not isinstance(raw, dict) or set(raw) - set(names) or required - set(raw):
         keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise AdapterStateError(f"{where}: needs exactly the keys {names}, got {keys}")
+        raise AdapterStateError(f"{where}: needs the keys {sorted(required)} (and may have {names}), got {keys}")
     row = PlanRow(**raw)
     where = f"{where} ({row.name!r})" if isinstance(row.name, str) else where
     _check_fields(row, where, "row")
