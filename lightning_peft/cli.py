@@ -47,6 +47,13 @@ OPTIMIZER_KEY = "optimizer"
 LR_SCHEDULER_KEY = "lr_scheduler"
 
 
+def _only_policy_objects(value: Any) -> LayerPolicy:
+    """Parsing leaves paths and mappings to the other members of `AdapterCallback.policy`'s type."""
+    if not isinstance(value, LayerPolicy):
+        raise TypeError("not a LayerPolicy object")
+    return value
+
+
 class PeftTrainer(pl.Trainer):
     """A `Trainer` with the extra `plan` entry point that LightningCLI turns into a subcommand."""
 
@@ -125,7 +132,7 @@ class PeftCLI(LightningCLI):
         # duplicate keys are errors (see `lightning_peft.schema`).
         kwargs.setdefault("parser_mode", register_jsonargparse_loader())
         # A `LayerPolicy` object (given in Python) is saved in config.yaml as its mapping, which reloads.
-        register_type(LayerPolicy, serializer=LayerPolicy.to_dict, deserializer=LayerPolicy.load)
+        register_type(LayerPolicy, serializer=LayerPolicy.to_dict, deserializer=_only_policy_objects)
         return super().init_parser(**kwargs)
 
     @staticmethod
