@@ -104,6 +104,12 @@ def memorise_uuid_base(
     return folder
 
 
+def _random_init_llama(arch: dict[str, Any], init_seed: int) -> torch.nn.Module:
+    """The config-built Llama `CausalLM` would build. A plain function on purpose: Lightning's
+    `save_hyperparameters` reads the `__init__` frames above it, and must not see the caller's."""
+    return CausalLM(**arch, init_seed=init_seed).model
+
+
 class UUIDContinualLM(CausalLM):
     """`CausalLM` whose base already memorised a UUID set A (cached on disk), for learning-vs-forgetting runs.
 
@@ -161,8 +167,7 @@ class UUIDContinualLM(CausalLM):
                 "prior_steps": prior_steps, "prior_lr": prior_lr, "format": 1}  # fmt: skip
         folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
         if not (Path(folder).expanduser() / base_cache_key(spec) / BASE_RECORD).is_file():
-            fresh = CausalLM(**arch, init_seed=init_seed)
-            folder = memorise_uuid_base(fresh.model, spec, folder)
+            folder = memorise_uuid_base(_random_init_llama(arch, init_seed), spec, folder)
         else:
             folder = Path(folder).expanduser() / base_cache_key(spec)
         super().__init__(
