@@ -105,9 +105,18 @@ def memorise_uuid_base(
 
 
 def _random_init_llama(arch: dict[str, Any], init_seed: int) -> torch.nn.Module:
-    """The config-built Llama `CausalLM` would build. A plain function on purpose: Lightning's
-    `save_hyperparameters` reads the `__init__` frames above it, and must not see the caller's."""
-    return CausalLM(**arch, init_seed=init_seed).model
+    """The config-built Llama that `CausalLM(**arch, init_seed=init_seed)` holds, built directly:
+    a nested `CausalLM` inside a LightningCLI instantiation would take the outer module's
+    hyper-parameters (Lightning's `save_hyperparameters` reads the CLI's given init args)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = CharTokenizer()
+    config = LlamaConfig(
+        **arch, attn_implementation="sdpa", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    with seeded(init_seed):
+        return LlamaForCausalLM(config)
 
 
 class UUIDContinualLM(CausalLM):
