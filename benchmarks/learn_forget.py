@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_peft.compare import Variant, read_curves, run_comparison
+from lightning_peft.compare import Variant, read_comparison, read_curves, run_comparison
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKS = {"fraction": [0.0, 1.0]}
@@ -125,9 +125,17 @@ def _forget_when_learned(run: list[dict], task: dict, level: float) -> tuple[flo
     return None
 
 
+def _finished_curves(folder: Path) -> dict[str, list[dict]]:
+    """Curves of the runs whose record says `ok` (an interrupted run is left out)."""
+    table = folder / "comparison.csv"
+    ok = {r.name for r in read_comparison(folder) if r.status == "ok"} if table.is_file() else set()
+    ok |= {p.parent.name for p in folder.glob("*/record.json") if json.loads(p.read_text())["status"] == "ok"}
+    return {name: rows for name, rows in read_curves(folder).items() if name in ok}
+
+
 def aggregate(task: dict, chosen: dict[str, float], seeds: list[int], out: Path) -> dict:
     """Per method and step: mean/sd over seeds of learning and forgetting (= -change)."""
-    sweep_curves, seed_curves = read_curves(out / "sweep"), read_curves(out / "seeds")
+    sweep_curves, seed_curves = _finished_curves(out / "sweep"), _finished_curves(out / "seeds")
     summary = {}
     for m, lr in chosen.items():
         runs = [sweep_curves[f"{m}_lr{lr:g}"]] + [seed_curves[f"{m}_s{s}"] for s in seeds if f"{m}_s{s}" in seed_curves]
