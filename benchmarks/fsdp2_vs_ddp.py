@@ -32,14 +32,14 @@ POLICY = {
         {"method": "dora", "modules": ["*"], "depth": {"inner": 1}, "hparams": {"r": 8}},
     ]
 }
-SHAPE = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-)
+SHAPE = {
+    "vocab_size": 1024,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 
 
 class Bench(L.LightningModule):
