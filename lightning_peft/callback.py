@@ -55,6 +55,7 @@ from .inject import (
     save_adapters,
     trainable_state_keys,
 )
+from .optim_groups import apply_rule_settings
 from .policy import LayerPolicy, Plan, PolicyError
 from .stored import check_state, plan_from_stored, read_checkpoint
 
@@ -157,7 +158,7 @@ class AdapterCallback(Callback):
 
     def __init__(
         self,
-        policy: LayerPolicy | str | dict[str, Any],
+        policy: str | dict | LayerPolicy,  # bare `dict` first: jsonargparse passes a mapping through unconverted
         adapter_only_checkpoint: bool = True,
         merge_at_end: bool = False,
         export_dir: str | None = None,
@@ -257,6 +258,18 @@ class AdapterCallback(Callback):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p.requires_grad]
+        self._apply_rule_optim(trainer, pl_module)
+
+    def _apply_rule_optim(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Per-rule `optim` settings become param groups of the user's optimizer (`optim_groups.py`)."""
+        plan = get_plan(pl_module)
+        if plan is None:
+            return
+        names = [rule.name or rule.label(i) for i, rule in enumerate(self.policy.rules)]
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        lines = apply_rule_settings(trainer.optimizers, schedulers, pl_module, plan, names)
+        if lines and self.verbose:
+            rank_zero_info("Per-rule optimizer groups: " + "; ".join(lines))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -6,6 +6,8 @@
     lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
     lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
     lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
+    lightning-peft compare rank-search --config search.yaml   # the LoRA article's rank search (rank_search)
+    lightning-peft suggest CONFIG --settings.budget N         # a per-layer policy from a pilot run (suggest)
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -28,6 +30,7 @@ from types import MethodType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -37,7 +40,7 @@ from .diagnostics import UpdateDiagnostics
 from .export import ExportError
 from .inject import AdapterStateError
 from .peft_format import PeftFormatError
-from .policy import PolicyError
+from .policy import LayerPolicy, PolicyError
 from .schema import register_jsonargparse_loader
 
 OPTIMIZER_KEY = "optimizer"
@@ -108,8 +111,10 @@ class PeftCLI(LightningCLI):
         )
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
-            "`lightning-peft compare --config COMPARISON`."},
+            {
+                "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
+                "`lightning-peft compare --config COMPARISON`, `lightning-peft inspect PEFT_ADAPTER BASE_MODEL`."
+            },
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
@@ -119,6 +124,8 @@ class PeftCLI(LightningCLI):
         # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
         # duplicate keys are errors (see `lightning_peft.schema`).
         kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        # A `LayerPolicy` object (given in Python) is saved in config.yaml as its mapping, which reloads.
+        register_type(LayerPolicy, serializer=LayerPolicy.to_dict, deserializer=LayerPolicy.load)
         return super().init_parser(**kwargs)
 
     @staticmethod
@@ -244,6 +251,14 @@ def main(args: list[str] | None = None) -> None:
             print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
             sys.exit(2)
         return
+    if argv[:2] == ["compare", "rank-search"]:  # the LoRA article's rank search, a mode of compare
+        from .rank_search import rank_search_main
+
+        sys.exit(rank_search_main(argv[2:]))
+    if argv and argv[0] == "suggest":
+        from .suggest import suggest_main
+
+        sys.exit(suggest_main(argv[1:]))
     if argv and argv[0] == "compare":
         from .compare import compare_main
 

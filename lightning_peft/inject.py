@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,6 @@ from .stored import (
 PLAN_ATTR = "_lightning_peft_plan"
 _FLAGS_ATTR = "_lightning_peft_requires_grad"
 CHECKPOINT_KEY = "lightning_peft"
-__all__ = ["ADAPTER_FILE", "PLAN_FILE", "AdapterStateError"]  # re-exported: their home is `stored`
 
 
 def get_plan(model: nn.Module) -> Plan | None:
@@ -216,8 +216,10 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     target itself (0644 under the usual umask 022), so readers of the result are not locked out.
     """
     tmp = _new_temp_file(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 minus the umask, as created
     try:
         write(str(tmp))
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors does) create it 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

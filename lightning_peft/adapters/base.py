@@ -102,6 +102,9 @@ class AdapterMethod(nn.Module, ABC):
     """
 
     method: ClassVar[str] = ""
+    # Optimizer role of each parameter, by attribute name (LoRA: `{"lora_A": "A", "lora_B": "B"}`).
+    # Per-rule optimizer settings use it without knowing the method (LoRA+'s rate for `B`).
+    parameter_roles: ClassVar[dict[str, str]] = {}
     #: Names of the scalars `extra_diagnostics` returns (the diagnostics table has a column for each).
     diagnostic_names: ClassVar[tuple[str, ...]] = ()
 

@@ -79,6 +79,7 @@ class DoRA(LowRankFactors):
     """
 
     method = "dora"
+    parameter_roles = {"lora_A": "A", "lora_B": "B", "magnitude": "magnitude"}
     diagnostic_names = ("dora_scale_norm", "dora_lowrank_norm")
 
     def __init__(

@@ -31,6 +31,8 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 class LowRankFactors(AdapterMethod):
     """Shared storage and checks for methods built on `B @ A` factors (LoRA, DoRA)."""
 
+    parameter_roles = {"lora_A": "A", "lora_B": "B"}
+
     def __init__(
         self,
         in_features: int,

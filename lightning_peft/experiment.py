@@ -1,0 +1,69 @@
+"""Small helpers shared by `rank_search` and `suggest`: read a run config, build its model, run one fit.
+
+A run config is the YAML `lightning-peft fit --config` takes. These helpers build only what
+they need from it (the LightningModule, to resolve candidate policies before anything trains)
+and run a fit through the same `PeftCLI` as the command line, so a pilot run is an ordinary run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from .policy import LayerPolicy
+
+CARRIED_METHODS = ("none", "full")  # base-policy rules kept in every generated policy
+
+
+def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A run config as a mapping (a YAML path, or the mapping itself)."""
+    import yaml
+
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"Run config {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{path}: not a run config (a mapping with a `model:` section)")
+    return data
+
+
+def build_model(config: dict[str, Any]) -> pl.LightningModule:
+    """Instantiate the config's `model:` section alone (no trainer, no data, no adapters)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningModule, "model")
+    cfg = parser.parse_object({"model": config["model"]})
+    return parser.instantiate_classes(cfg).model
+
+
+def carried_rules(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The base policy's `none`/`full` rules (carve-outs, a new head): every generated policy keeps them."""
+    policy = (config.get("adapters") or {}).get("policy")
+    if policy is None:
+        return []
+    rules = LayerPolicy.load(policy).to_dict()["rules"]
+    return [{k: v for k, v in r.items() if v not in (None, {})} for r in rules if r["method"] in CARRIED_METHODS]
+
+
+def cli_args(config: str | Path, overrides: dict[str, Any], subcommand: str = "fit") -> list[str]:
+    """`lightning-peft` arguments: the config, then `--dotted.key=value` for each override."""
+    args = [subcommand, "--config", str(config)]
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        args.append(f"--{key}={text}")
+    return args
+
+
+def run_fit(config: str | Path, overrides: dict[str, Any]) -> pl.Trainer:
+    """One `lightning-peft fit` run in this process; returns its trainer."""
+    from .cli import PeftCLI
+
+    cli = PeftCLI(args=cli_args(config, overrides))
+    return cli.trainer
