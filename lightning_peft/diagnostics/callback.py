@@ -162,7 +162,9 @@ class UpdateDiagnostics(Callback):
                 rank_zero_warn("UpdateDiagnostics: the model carries no adapters (inject_adapters was not applied)")
             unlisted = sorted({f"{p.method}: {n}" for p in probes for n in p.extra_names if n not in METRICS})
             if unlisted:  # a method registered after this module was imported: its extras have no column
-                rank_zero_warn(f"UpdateDiagnostics: extra diagnostics without a column are not logged: {unlisted}")
+                rank_zero_warn(
+                    f"UpdateDiagnostics: extra diagnostics without a table column are not logged: {unlisted}"
+                )
             # Every rank keeps the probes: under FSDP2 each must join the gathers; rank zero measures.
             self._probes, self._last_step, self._grad = probes, None, None
             if not trainer.is_global_zero:
