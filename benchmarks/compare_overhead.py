@@ -33,8 +33,8 @@ from lightning_peft.compare import Variant, override_args, run_comparison
 
 CONFIG = "configs/uuid_continual.yaml"
 VARIANTS = [
-    Variant("lora_r8", {"adapters.policy": "policies/lora_all.yaml", "model.init_args.lr": 3e-3}),
-    Variant("dora_r8", {"adapters.policy": "policies/dora_all.yaml", "model.init_args.lr": 3e-3}),
+    Variant("lora_r8", {"adapters.policy": "lora_all", "model.init_args.lr": 3e-3}),
+    Variant("dora_r8", {"adapters.policy": "dora_all", "model.init_args.lr": 3e-3}),
 ]
 
 

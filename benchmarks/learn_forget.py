@@ -4,7 +4,7 @@
     python benchmarks/learn_forget.py --task minilm --out runs/learn_forget_minilm
 
 For each method (full fine-tuning of the block layers, LoRA r=8, DoRA r=8, MoRA r=8, the
-hybrid MoRA-outer/DoRA-inner; all r=8 budgets as in `policies/`):
+hybrid MoRA-outer/DoRA-inner; all r=8 budgets as in the policy presets):
 
 1. learning-rate sweep on seed 0 over `--lrs`; the method's learning rate is the one with the
    largest *mean learning metric over all validations* (the area under its learning curve:
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_peft.compare import Variant, read_curves, run_comparison
+from lightning_peft.compare import Variant, read_comparison, read_curves, run_comparison
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKS = {"fraction": [0.0, 1.0]}
@@ -76,17 +76,20 @@ def learning_area(curve: list[dict], metric: str) -> float:
     return sum(values) / len(values) if values else -math.inf
 
 
-def sweep(task: dict, methods: list[str], lrs: list[float], out: Path) -> dict[str, float]:
-    """Seed-0 runs over the learning rates; returns the chosen learning rate per method."""
+def sweep(task: dict, methods: list[str], lrs: list[float], out: Path, run: bool = True) -> dict[str, float]:
+    """Seed-0 runs over the learning rates; returns the chosen learning rate per method
+    (`run=False`: choose from the runs already in `out`, skipping methods without any)."""
     lrs_of = {m: task.get("lrs_by_method", {}).get(m, lrs) for m in methods}
     variants = [
         Variant(f"{m}_lr{lr:g}", {"adapters.policy": policy(m, task), "model.init_args.lr": lr})
         for m in methods
         for lr in lrs_of[m]
     ]
-    run_comparison(task["config"], variants, out / "sweep", figures=True, table=True,
-                   metric=task["metric"], forget_metric=task["forget"])  # fmt: skip
+    if run:
+        run_comparison(task["config"], variants, out / "sweep", figures=True, table=True,
+                       metric=task["metric"], forget_metric=task["forget"])  # fmt: skip
     curves = read_curves(out / "sweep")
+    methods = [m for m in methods if any(f"{m}_lr{lr:g}" in curves for lr in lrs_of[m])]
     chosen = {}
     for m in methods:
         scores = {lr: learning_area(curves.get(f"{m}_lr{lr:g}", []), task["metric"]) for lr in lrs_of[m]}
@@ -110,9 +113,29 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+LEVELS = {"val_char_acc": (0.5, 0.9), "val_acc": (0.4, 0.5)}
+"""Learning levels at which forgetting is compared (the frontier: forgetting at equal learning)."""
+
+
+def _forget_when_learned(run: list[dict], task: dict, level: float) -> tuple[float, float] | None:
+    """(step, forgetting) at the first validation where learning reached `level` in one run."""
+    for c in run:
+        if c.get(task["metric"], -math.inf) >= level:
+            return c["step"], -c[task["forget"]]
+    return None
+
+
+def _finished_curves(folder: Path) -> dict[str, list[dict]]:
+    """Curves of the runs whose record says `ok` (an interrupted run is left out)."""
+    table = folder / "comparison.csv"
+    ok = {r.name for r in read_comparison(folder) if r.status == "ok"} if table.is_file() else set()
+    ok |= {p.parent.name for p in folder.glob("*/record.json") if json.loads(p.read_text())["status"] == "ok"}
+    return {name: rows for name, rows in read_curves(folder).items() if name in ok}
+
+
 def aggregate(task: dict, chosen: dict[str, float], seeds: list[int], out: Path) -> dict:
     """Per method and step: mean/sd over seeds of learning and forgetting (= -change)."""
-    sweep_curves, seed_curves = read_curves(out / "sweep"), read_curves(out / "seeds")
+    sweep_curves, seed_curves = _finished_curves(out / "sweep"), _finished_curves(out / "seeds")
     summary = {}
     for m, lr in chosen.items():
         runs = [sweep_curves[f"{m}_lr{lr:g}"]] + [seed_curves[f"{m}_s{s}"] for s in seeds if f"{m}_s{s}" in seed_curves]
@@ -122,7 +145,13 @@ def aggregate(task: dict, chosen: dict[str, float], seeds: list[int], out: Path)
             at = [next(c for c in run if c["step"] == step) for run in runs]
             learn, forget = _mean_sd([c[task["metric"]] for c in at]), _mean_sd([-c[task["forget"]] for c in at])
             rows.append({"step": int(step), "learn": learn, "forget": forget})
-        summary[m] = {"lr": lr, "seeds": len(runs), "curve": rows}
+        at_level = {}
+        for level in LEVELS[task["metric"]]:
+            hits = [_forget_when_learned(run, task, level) for run in runs]
+            hits = [h for h in hits if h is not None]
+            at_level[str(level)] = {"runs": len(hits), "step": _mean_sd([h[0] for h in hits]) if hits else None,
+                                    "forget": _mean_sd([h[1] for h in hits]) if hits else None}  # fmt: skip
+        summary[m] = {"lr": lr, "seeds": len(runs), "curve": rows, "at_learning": at_level}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -164,6 +193,20 @@ def markdown(summary: dict, task: dict, at_steps: list[int]) -> str:
             learn, forget = (None, None) if row is None else (row["learn"], row["forget"])
             cells.append("-" if row is None else f"{learn[0]:.3f} ± {learn[1]:.3f} / {forget[0]:.3f} ± {forget[1]:.3f}")
         lines.append(f"| {m} | {data['lr']:g} | {data['seeds']} | " + " | ".join(cells) + " |")
+    levels = list(next(iter(summary.values()))["at_learning"])
+    lines += ["", "| method | " + " | ".join(f"first reaches {task['metric']} >= {lv}: step / forgetting"
+                                             for lv in levels) + " |", "|---" * (1 + len(levels)) + "|"]  # fmt: skip
+    for m, data in summary.items():
+        cells = []
+        for lv in levels:
+            hit = data["at_learning"][lv]
+            if hit["step"] is None:
+                cells.append("never")
+                continue
+            (step, step_sd), (lost, lost_sd) = hit["step"], hit["forget"]
+            runs = f"{hit['runs']}/{data['seeds']} runs"
+            cells.append(f"{step:.0f} ± {step_sd:.0f} / {lost:.3f} ± {lost_sd:.3f} ({runs})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -177,15 +220,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (seed 0 is the sweep's run)")
     parser.add_argument("--at", type=int, nargs="+", default=None, help="steps shown in the table")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report-only", action="store_true", help="aggregate the runs already in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
     if args.full_lrs:
         task["lrs_by_method"] = {"full": args.full_lrs}
     out = args.out or REPO / "runs" / f"learn_forget_{args.task}"
-    chosen = sweep(task, args.methods, args.lrs or task["lrs"], out)
+    chosen = sweep(task, args.methods, args.lrs or task["lrs"], out, run=not args.report_only)
     seeds = list(range(1, args.seeds))
-    seed_runs(task, chosen, seeds, out)
+    if not args.report_only:
+        seed_runs(task, chosen, seeds, out)
     summary = aggregate(task, chosen, seeds, out)
     figure(summary, task, out / "learn_forget.png")
     steps = [r["step"] for r in next(iter(summary.values()))["curve"]]

@@ -46,6 +46,7 @@ from .inject import (
     CHECKPOINT_KEY,
     AdapterStateError,
     check_checkpoint,
+    check_checkpoint_plan,
     find_adapters,
     get_plan,
     inject_adapters,
@@ -77,6 +78,26 @@ def check_before_load(module: torch.nn.Module, state: dict[str, Any], source: st
         return
     required = trainable_state_keys(module)
     check_state(state, module.state_dict(), source, required=required, scan=required & set(state))
+
+
+def check_checkpoint_strategy(strategy: Any, adapter_only: bool) -> None:
+    """Refuse, before anything trains, a checkpoint layout that could not resume.
+
+    Under FSDP2 (`ModelParallelStrategy`) Lightning writes a sharded distributed checkpoint
+    by default and, on resume, requires every key of the model in it; an adapter-only
+    checkpoint leaves the frozen weights out. Adapter-only checkpoints under FSDP2 are
+    therefore gathered single files (`save_distributed_checkpoint=False`): small, resumable
+    under FSDP2, and readable in one process (`restore_from_checkpoint`). See README,
+    "Distributed".
+    """
+    if not adapter_only or type(strategy).__name__ != "ModelParallelStrategy":
+        return
+    if getattr(strategy, "_save_distributed_checkpoint", False):  # no public accessor in Lightning 2.6
+        raise AdapterStateError(
+            "AdapterCallback(adapter_only_checkpoint=True) under ModelParallelStrategy needs "
+            "ModelParallelStrategy(save_distributed_checkpoint=False): Lightning cannot resume an adapter-only "
+            "sharded checkpoint. Or set adapter_only_checkpoint=False to keep full sharded checkpoints."
+        )
 
 
 def build_layers_in_configure_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -137,7 +158,7 @@ class AdapterCallback(Callback):
 
     def __init__(
         self,
-        policy: LayerPolicy | str | dict[str, Any],
+        policy: str | dict | LayerPolicy,  # bare `dict` first: jsonargparse passes a mapping through unconverted
         adapter_only_checkpoint: bool = True,
         merge_at_end: bool = False,
         export_dir: str | None = None,
@@ -167,6 +188,7 @@ class AdapterCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._warn_about_trainer(trainer)
+        check_checkpoint_strategy(trainer.strategy, self.adapter_only_checkpoint)
         try:
             self.inject(pl_module)
         except PolicyError:
@@ -290,6 +312,11 @@ class AdapterCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if "state_dict" not in checkpoint and trainer.strategy.restore_checkpoint_after_setup:
+            # FSDP2 (ModelParallelStrategy) loads the weights itself, through the module's
+            # `load_state_dict` (so the pre-hook checked them), and hands callbacks the rest.
+            check_checkpoint_plan(pl_module, checkpoint, _checkpoint_source(trainer))
+            return
         check_checkpoint(pl_module, checkpoint, _checkpoint_source(trainer))
 
 

@@ -30,6 +30,7 @@ from types import MethodType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -39,11 +40,18 @@ from .diagnostics import UpdateDiagnostics
 from .export import ExportError
 from .inject import AdapterStateError
 from .peft_format import PeftFormatError
-from .policy import PolicyError
+from .policy import LayerPolicy, PolicyError
 from .schema import register_jsonargparse_loader
 
 OPTIMIZER_KEY = "optimizer"
 LR_SCHEDULER_KEY = "lr_scheduler"
+
+
+def _only_policy_objects(value: Any) -> LayerPolicy:
+    """Parsing leaves paths and mappings to the other members of `AdapterCallback.policy`'s type."""
+    if not isinstance(value, LayerPolicy):
+        raise TypeError("not a LayerPolicy object")
+    return value
 
 
 class PeftTrainer(pl.Trainer):
@@ -110,8 +118,10 @@ class PeftCLI(LightningCLI):
         )
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
-            "`lightning-peft compare --config COMPARISON`."},
+            {
+                "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
+                "`lightning-peft compare --config COMPARISON`, `lightning-peft inspect PEFT_ADAPTER BASE_MODEL`."
+            },
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
@@ -121,6 +131,8 @@ class PeftCLI(LightningCLI):
         # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
         # duplicate keys are errors (see `lightning_peft.schema`).
         kwargs.setdefault("parser_mode", register_jsonargparse_loader())
+        # A `LayerPolicy` object (given in Python) is saved in config.yaml as its mapping, which reloads.
+        register_type(LayerPolicy, serializer=LayerPolicy.to_dict, deserializer=_only_policy_objects)
         return super().init_parser(**kwargs)
 
     @staticmethod

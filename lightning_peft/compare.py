@@ -194,7 +194,7 @@ def _parse_only_cli():
         def instantiate_classes(self) -> None:
             return None
 
-        def after_instantiate_classes(self) -> None:  # nothing was instantiated: nothing to follow up
+        def after_instantiate_classes(self) -> None:
             return None
 
         def _run_subcommand(self, subcommand: str) -> None:
@@ -225,9 +225,12 @@ def _quiet_cli():
 
 
 def _policy_value(config: Any) -> Any:
+    """The parsed `adapters.policy` as a path or a plain mapping (jsonargparse's `__path__` notes dropped)."""
     value = config.get("adapters.policy") if hasattr(config, "get") else None
     if hasattr(value, "as_dict"):
-        value = {k: v for k, v in value.as_dict().items() if not k.startswith("__")}
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        value = {k: v for k, v in value.items() if not str(k).startswith("__")}
     return value
 
 
@@ -407,8 +410,10 @@ def run_variant(
 
     Returns the record, the per-validation curves and the per-(method, block) diagnostics
     summary. Any exception of the run (configuration or training) becomes a `failed` record;
-    Ctrl-C is re-raised.
+    Ctrl-C and SIGTERM stop the comparison (re-raised).
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from .cli import PeftCLI
 
     out_dir = Path(out_dir)
@@ -428,6 +433,8 @@ def run_variant(
     except (Exception, SystemExit) as err:
         if isinstance(recorder.exception, KeyboardInterrupt):
             raise KeyboardInterrupt from err
+        if isinstance(err, SIGTERMException) or isinstance(recorder.exception, SIGTERMException):
+            raise  # the comparison was asked to stop, not this variant
         err = recorder.exception or err
         status, error = "failed", f"{type(err).__name__}: {err}".strip()
         metrics = dict(recorder.curves[-1]) if recorder.curves else {}
@@ -573,6 +580,33 @@ def _gather(out_dir: Path, records: Sequence[VariantRecord]) -> None:
                                              "effective_rank", "r90"])  # fmt: skip
 
 
+def _plan_runs(
+    config: str | Path, variants: Sequence[Variant], out_dir: Path, seed: int | None, rerun: bool
+) -> list[tuple[Variant, str, VariantRecord | None]]:
+    """(variant, fingerprint, finished record or None) per variant; refuses folders compare did not write."""
+    plans = []
+    for variant in variants:
+        fp = fingerprint(config, variant, seed)
+        previous = _load_record(out_dir / variant.name)
+        done = not rerun and previous is not None and previous.status == "ok" and previous.fingerprint == fp
+        if not done:
+            _check_run_dir(out_dir / variant.name)
+        plans.append((variant, fp, previous if done else None))
+    return plans
+
+
+def _run_and_save(config: str | Path, variant: Variant, fp: str, out_dir: Path, seed: int | None) -> VariantRecord:
+    """Run one variant in a fresh folder (marked as compare's) and save its record, curves and depth summary."""
+    run_dir = out_dir / variant.name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / MARKER_FILE).write_text(json.dumps(asdict(variant), default=str))
+    record, curves, depth = run_variant(config, variant, out_dir, seed)
+    record.fingerprint = fp
+    _save_run(run_dir, record, curves, depth)
+    return record
+
+
 def run_comparison(
     config: str | Path,
     variants: Sequence[Variant | Mapping[str, Any]],
@@ -613,30 +647,16 @@ def run_comparison(
     ready = validate_variants(config, variants)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plans = []
-    for variant in ready:
-        fp = fingerprint(config, variant, seed)
-        previous = _load_record(out_dir / variant.name)
-        done = not rerun and previous is not None and previous.status == "ok" and previous.fingerprint == fp
-        if not done:
-            _check_run_dir(out_dir / variant.name)
-        plans.append((variant, fp, previous if done else None))
+    plans = _plan_runs(config, ready, out_dir, seed, rerun)
     records: list[VariantRecord] = []
     for index, (variant, fp, previous) in enumerate(plans, 1):
         if previous is not None:
             records.append(previous)
             console.print(_summary_line(index, len(plans), previous, skipped=True))
             continue
-        run_dir = out_dir / variant.name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        (run_dir / MARKER_FILE).write_text(json.dumps(asdict(variant), default=str))
         console.rule(f"[{index}/{len(plans)}] {variant.name}")
-        record, curves, depth = run_variant(config, variant, out_dir, seed)
-        record.fingerprint = fp
-        _save_run(run_dir, record, curves, depth)
-        records.append(record)
-        console.print(_summary_line(index, len(plans), record))
+        records.append(_run_and_save(config, variant, fp, out_dir, seed))
+        console.print(_summary_line(index, len(plans), records[-1]))
         _gather(out_dir, records)
     _gather(out_dir, records)
     if table or figures:

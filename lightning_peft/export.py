@@ -1,6 +1,6 @@
 """Adapters that leave the tool: HF peft adapter folders, merged transformers checkpoints, peft import.
 
-    export_peft(model, "out/")     # LoRA/DoRA -> peft folder(s) (PeftModel.from_pretrained loads them)
+    export_peft(model, "out/")     # LoRA/DoRA (or HiRA) -> peft folder(s) (PeftModel.from_pretrained loads them)
     export_merged(model, "out/")   # one transformers `save_pretrained` folder, adapters folded in
     import_peft(model, "adapter/") # a peft LoRA/DoRA folder -> our layers (train on, diagnose)
 
@@ -118,6 +118,7 @@ def check_target(target: str | Path, overwrite: bool) -> Path:
 def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; rename it into place only if the block succeeds."""
     check_target(target, overwrite)
+    created = next((p for p in reversed(target.parents) if not p.exists()), None)  # outermost missing folder
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
@@ -132,6 +133,8 @@ def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+            if created is not None and not target.exists():  # a failed export leaves no new folders
+                shutil.rmtree(created, ignore_errors=True)
 
 
 # -- reports --------------------------------------------------------------------------------
@@ -287,6 +290,8 @@ def export_peft(
     rows = _strip_prefix(plan.rows, prefix)
     chosen = _routes_for(rows, routes, (svd_rank, svd_energy))
     _check_one_peft_type(rows, chosen)
+    if (save_base or "fold" in chosen.values()) and not hasattr(hf, "save_pretrained"):
+        raise ExportError(f"{type(hf).__name__} has no save_pretrained to write the base; pass submodule= naming it")
     check_target(out, overwrite)
     layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
     peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]
@@ -301,20 +306,25 @@ def export_peft(
     report.folded = [rows[n].name for n, r in chosen.items() if r == "fold"]
     if work is not None:
         unwrap(work, merge={n for n, r in chosen.items() if r == "fold"})
-    groups = group_layers(peft_layers)
+    base = work if save_base or "fold" in chosen.values() else None  # `svd` alone leaves the base as it was
+    with staged_folder(Path(out), overwrite) as tmp:
+        _write_peft_folder(tmp, group_layers(peft_layers), hf, base, report)
+    return report
+
+
+def _write_peft_folder(
+    folder: Path, groups: dict[str, list[PeftLayer]], hf: nn.Module, base: nn.Module | None, report: ExportReport
+) -> None:
+    """Adapters (at `folder` itself for one group, else one subfolder each), the base if given, manifest."""
     all_names = [normalise_name(n) for n, _ in hf.named_modules() if n]
     source = getattr(getattr(hf, "config", None), "_name_or_path", None) or None
-    with staged_folder(Path(out), overwrite) as tmp:
-        for name, group in groups.items():
-            folder = tmp if len(groups) == 1 else tmp / name
-            write_adapter(folder, adapter_config(group, all_names, source), peft_state_dict(group))
-            report.adapters["." if len(groups) == 1 else name] = [x.name for x in group]
-        write_base = save_base or "fold" in chosen.values()  # `svd` alone leaves the base as it was
-        if write_base:
-            assert work is not None
-            _save_pretrained(work, tmp / BASE_DIR)
-        _write_manifest(tmp, report, base=write_base)
-    return report
+    for name, group in groups.items():
+        target = folder if len(groups) == 1 else folder / name
+        write_adapter(target, adapter_config(group, all_names, source), peft_state_dict(group))
+        report.adapters["." if len(groups) == 1 else name] = [x.name for x in group]
+    if base is not None:
+        _save_pretrained(base, folder / BASE_DIR)
+    _write_manifest(folder, report, base=base is not None)
 
 
 def _check_one_peft_type(rows: dict[str, PlanRow], chosen: dict[str, str]) -> None:
@@ -627,7 +637,12 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
     if not Path(base).is_dir():
         raise ExportError(f"base {str(base)!r} is not a local model folder")
     model = getattr(transformers, name).from_pretrained(str(base), local_files_only=True)
-    import_peft(model, adapter, submodule="")
+    try:
+        import_peft(model, adapter, submodule="")
+    except ExportError as err:
+        raise ExportError(
+            f"{err} The base was loaded as {name}; pass auto_class= naming the class it was trained on."
+        ) from None
     return write_snapshot(model, out)
 
 

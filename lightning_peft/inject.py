@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,6 @@ from .stored import (
 PLAN_ATTR = "_lightning_peft_plan"
 _FLAGS_ATTR = "_lightning_peft_requires_grad"
 CHECKPOINT_KEY = "lightning_peft"
-__all__ = ["ADAPTER_FILE", "PLAN_FILE", "AdapterStateError"]  # re-exported: their home is `stored`
 
 
 def get_plan(model: nn.Module) -> Plan | None:
@@ -216,8 +216,10 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     target itself (0644 under the usual umask 022), so readers of the result are not locked out.
     """
     tmp = _new_temp_file(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 minus the umask, as created
     try:
         write(str(tmp))
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors does) create it 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -320,21 +322,27 @@ def check_checkpoint(model: nn.Module, checkpoint: dict[str, Any], source: str =
     tensor is present with the right shape and kind of dtype and holds no NaN/inf: with
     non-strict loading a missing key would otherwise keep its fresh random value silently.
     """
-    live = get_plan(model)
-    if live is None:
+    if get_plan(model) is None:
         return
-    stored = checkpoint.get(CHECKPOINT_KEY)
-    if stored is not None:
-        if not isinstance(stored, dict) or "plan" not in stored:
-            raise AdapterStateError(f"{source}: `{CHECKPOINT_KEY}` entry is not a lightning-peft record")
-        mismatch = plans_differ(plan_from_stored(stored["plan"], source), live, what="checkpoint")
-        if mismatch:
-            raise AdapterStateError(f"{source}: written with a different adapter plan: {mismatch}")
+    check_checkpoint_plan(model, checkpoint, source)
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise AdapterStateError(f"{source}: has no `state_dict` mapping")
     required = trainable_state_keys(model)
     check_state(state, model.state_dict(), source, required=required, scan=required & set(state))
+
+
+def check_checkpoint_plan(model: nn.Module, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
+    """Raise if the plan stored in `checkpoint` differs from the one injected into `model`."""
+    live = get_plan(model)
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if live is None or stored is None:
+        return
+    if not isinstance(stored, dict) or "plan" not in stored:
+        raise AdapterStateError(f"{source}: `{CHECKPOINT_KEY}` entry is not a lightning-peft record")
+    mismatch = plans_differ(plan_from_stored(stored["plan"], source), live, what="checkpoint")
+    if mismatch:
+        raise AdapterStateError(f"{source}: written with a different adapter plan: {mismatch}")
 
 
 def trainable_state_keys(model: nn.Module) -> set[str]:

@@ -8,7 +8,8 @@ One `LoraConfig` holds one value of `use_dora`, `use_rslora`, `lora_dropout` and
 `rank_pattern` / `alpha_pattern` (regexes matched as `(.*\\.)?(<key>)$`, peft's
 `get_pattern_key`). A plan whose rows disagree on those flags therefore becomes several
 adapters with disjoint `target_modules`, which peft activates together
-(`base_model.set_adapter([...])`); see docs/export.md.
+(`base_model.set_adapter([...])`); see docs/export.md. HiRA goes to peft's HiRA tuner
+(`....hira_A`, `....hira_B`), one config per rank.
 
 This module knows names and layouts only; it never imports peft (an optional dependency).
 """
@@ -50,6 +51,9 @@ UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
     "use_bdlora": None,
     "megatron_config": None,
 }
+
+# Initialisations that rewrite the base weights (peft's PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class PeftFormatError(ValueError):
@@ -216,6 +220,13 @@ def read_peft_config(directory: str | Path) -> dict[str, Any]:
         value = config.get(key, default)
         if value not in (default, [], {}, None, False):
             raise PeftFormatError(f"{path}: `{key}: {value!r}` is not supported by lightning-peft's LoRA/DoRA layers")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_CHANGING_INITS):
+        raise PeftFormatError(
+            f"{path}: `init_lora_weights: {init}` changes the base weights, so the adapter is relative to a "
+            "modified base; convert it to plain LoRA with peft first "
+            "(save_pretrained(path_initial_model_for_weight_conversion=...))"
+        )
     return config  # `layers_to_transform` & co. need no support: the adapted modules are read from the weights
 
 

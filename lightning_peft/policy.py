@@ -1,7 +1,7 @@
 """Per-layer policies: which adapter method each module of a model gets.
 
 A `LayerPolicy` is an ordered list of `Rule`s; for every module the **first** rule whose
-`where` matches decides (see `docs/policies.md`). `resolve(model)` is pure and cheap (it
+`where` matches decides (docs/policies.md). `resolve(model)` is pure and cheap (it
 reads module names and shapes only, so it works on the `meta` device) and returns a
 `Plan`: one row per targeted module. Every problem a policy can have is raised here,
 naming the rule, before anything is injected or trained.
@@ -219,8 +219,8 @@ class Rule:
     optim: OptimSettings | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.modules, str):
-            self.modules = [self.modules]
+        if isinstance(self.modules, str | tuple):
+            self.modules = [self.modules] if isinstance(self.modules, str) else list(self.modules)
         self.depth = DepthSelector.from_value(self.depth)
         self.hparams = {} if self.hparams is None else self.hparams
         self.optim = as_optim_settings(self.optim)
@@ -265,21 +265,18 @@ def check_method_hparams(method: str, hparams: dict[str, Any]) -> None:
         return
     try:
         cls = get_adapter_class(method)
-        if not set(hparams) <= _hparam_names(cls):
-            check_hyperparameters(method, hparams)  # raises, naming the unknown ones
     except ValueError as err:
-        raise PolicyError(f"{err}" + (" (or 'none'/'full')" if method not in _registered() else "")) from None
+        raise PolicyError(f"{err} (or 'none'/'full')") from None
+    if not set(hparams) <= _hparam_names(cls):
+        try:
+            check_hyperparameters(method, hparams)  # raises, naming the unknown ones and the valid ones
+        except ValueError as err:
+            raise PolicyError(str(err)) from None
     types = _init_types(cls)
     for key, value in hparams.items():
         error = type_error(value, types.get(key, Any))
         if error is not None:
             raise PolicyError(f"hyper-parameter `{key}` of {method} {error}")
-
-
-def _registered() -> list[str]:
-    from .adapters.base import ADAPTERS
-
-    return list(ADAPTERS)
 
 
 @functools.cache
@@ -552,7 +549,8 @@ class LayerPolicy:
         text = None if path.is_file() else preset_text(str(path))  # a preset name such as `mora_outer_dora_inner`
         source = f"preset {str(path)!r}" if text is not None else str(path)
         if text is None and not path.is_file():
-            raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()})")
+            hint = f"; the preset {path.stem!r} is named without a path" if path.stem in list_presets() else ""
+            raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()}){hint}")
         try:
             data = read_yaml_file(path) if text is None else load_yaml(text)
         except ConfigInputError as err:
@@ -612,7 +610,7 @@ class LayerPolicy:
         matches, pattern_hits = self._match_modules(model, blocks_path, selected)
         rows, unsupported = self._plan_rows(matches)
         self._check_every_rule_decides(matches, unsupported)
-        self._check_every_pattern_matches(pattern_hits, matches)
+        self._check_every_pattern_matches(pattern_hits, model, blocks_path)
         self._warn_overlaps(matches)
         if not rows:
             raise PolicyError(
@@ -719,7 +717,7 @@ class LayerPolicy:
         try:
             with torch.device("meta"):
                 adapter = get_adapter_class(rule.method)(in_f, out_f, **rule.hparams)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RuntimeError, OverflowError) as err:  # torch refuses absurd sizes too
             raise PolicyError(f"{where}: {err}") from None
         params = adapter.num_trainable_parameters()
         if params > MAX_ADAPTER_TO_LAYER_PARAMS * in_f * out_f:
@@ -755,14 +753,14 @@ class LayerPolicy:
                 why = f" (the {shadowed[i]} module(s) it matches are taken by earlier rules)" if shadowed[i] else ""
                 self._strict_or_warn(f"{rule.label(i)} matches no module{why}; check `modules`/`depth`")
 
-    def _check_every_pattern_matches(self, hits: list[set[str]], matches: list[_Match]) -> None:
+    def _check_every_pattern_matches(self, hits: list[set[str]], model: nn.Module, blocks_path: str | None) -> None:
         """A misspelled pattern next to a matching one must not leave half a rule silently unused."""
         for i, rule in enumerate(self.rules):
             dead = [p for p in rule.modules if p not in hits[i]]
             if not dead or not hits[i]:
                 continue  # a rule matching nothing at all is reported by _check_every_rule_decides
             self._strict_or_warn(
-                f"{rule.label(i)}: pattern {dead[0]!r} matches no module{_why_unmatched(dead[0], matches)} "
+                f"{rule.label(i)}: pattern {dead[0]!r} matches no module{_why_unmatched(dead[0], model, blocks_path)} "
                 "while its other patterns do" + (f" (also unmatched: {dead[1:]})" if len(dead) > 1 else "")
             )
 
@@ -787,12 +785,13 @@ class LayerPolicy:
             )
 
 
-def _why_unmatched(pattern: str, matches: list[_Match]) -> str:
+def _why_unmatched(pattern: str, model: nn.Module, blocks_path: str | None) -> str:
     """A hint for a dead pattern: it matches only outside the rule's depth, or a close name."""
-    outside = next((m.name for m in matches if pattern_matches(pattern, m.name)), None)
+    all_names = [normalise_name(n) for n, _ in model.named_modules() if n]
+    outside = next((n for n in all_names if pattern_matches(pattern, n)), None)
     if outside is not None:
         return f" inside the rule's depth selector (it matches {outside!r}, outside it)"
-    names = sorted({m.kind for m in matches} | {m.name.rpartition(".")[2] for m in matches})
+    names = sorted({_block_of(n, blocks_path)[1] for n in all_names} | {n.rpartition(".")[2] for n in all_names})
     close = difflib.get_close_matches(pattern, names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

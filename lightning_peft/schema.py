@@ -56,11 +56,15 @@ class StrictLoader(_SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
+            # Scalar keys compare by (tag, text) without being constructed twice; others by value.
+            if isinstance(key_node, yaml.ScalarNode):
+                key: Any = (key_node.tag, key_node.value)
+            else:
+                key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and key in seen:
-                line = key_node.start_mark.line + 1
-                first = seen[key].start_mark.line + 1
-                raise ConfigInputError(f"duplicate key {key!r} at line {line} (first at line {first})")
+                line, first = key_node.start_mark.line + 1, seen[key].start_mark.line + 1
+                shown = key[1] if isinstance(key_node, yaml.ScalarNode) else key
+                raise ConfigInputError(f"duplicate key {shown!r} at line {line} (first at line {first})")
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
@@ -145,6 +149,8 @@ _KINDS = {str: "string", bool: "bool", int: "int", float: "float", list: "list",
 
 def describe(value: Any) -> str:
     """`the string '8'`, `the float nan`: what a value is, for error messages."""
+    if value is None:
+        return "null"
     return f"the {_KINDS.get(type(value), type(value).__name__)} {value!r}"
 
 
@@ -238,20 +244,20 @@ def _mapping_checker(annotation: Any, key_check: Checker, value_check: Checker) 
 
 
 def _scalar_checker(annotation: Any) -> Checker:
-    if annotation is type(None) or annotation is None:
-        accepts: Callable[[Any], bool] = lambda v: v is None  # noqa: E731
-    elif annotation is bool:
-        accepts = lambda v: isinstance(v, bool)  # noqa: E731
-    elif annotation is int:
-        accepts = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    elif annotation is float:
+    if annotation is float:
         return _float_error
-    elif isinstance(annotation, type):
-        accepts = lambda v: isinstance(v, annotation)  # noqa: E731
-    else:  # a forward reference or typing construct this checker does not know: accept
-        accepts = lambda v: True  # noqa: E731
+    if annotation is None:
+        annotation = type(None)
+    if not isinstance(annotation, type):  # a forward reference or typing construct not known here: accept
+        return lambda value: None
     name = type_name(annotation)
-    return lambda value: None if accepts(value) else f"must be {name}, got {describe(value)}"
+
+    def check(value: Any) -> str | None:
+        # Exact kinds: a bool is not an int (nor an int a bool), though Python's bool subclasses int.
+        ok = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
+        return None if ok else f"must be {name}, got {describe(value)}"
+
+    return check
 
 
 def _float_error(value: Any) -> str | None:

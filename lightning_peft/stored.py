@@ -83,15 +83,17 @@ def read_adapter_dir(directory: str | Path) -> tuple[Plan, dict[str, Tensor]]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterStateError(f"{tensor_path}: truncated or corrupted safetensors file ({err})") from None
     if PLAN_METADATA_KEY in metadata:
-        plan = plan_from_json(metadata[PLAN_METADATA_KEY], f"{tensor_path} (header)")
+        plan_source, plan_text = f"{tensor_path} (header)", metadata[PLAN_METADATA_KEY]
     else:
         plan_path = directory / PLAN_FILE
         if not plan_path.is_file():
             raise AdapterStateError(f"{tensor_path} carries no plan and {str(plan_path)!r} is missing")
-        plan = plan_from_json(plan_path.read_bytes(), str(plan_path))
+        plan_source, plan_text = str(plan_path), plan_path.read_bytes()
+    plan = plan_from_json(plan_text, plan_source)
+    expected = expected_adapter_state(plan, plan_source)
     full = tuple(f"{row.name}." for row in plan.rows if row.method == "full")
     adapter_part = {k: v for k, v in tensors.items() if not k.startswith(full)}  # `full` weights: checked live
-    check_state(adapter_part, expected_adapter_state(plan), str(tensor_path), exact_keys=True)
+    check_state(adapter_part, expected, str(tensor_path), exact_keys=True)
     return plan, tensors
 
 
@@ -157,7 +159,7 @@ def plans_differ(stored: Plan, live: Plan, what: str = "stored") -> str:
     return "; ".join(problems[:MAX_LISTED]) + (" ..." if len(problems) > MAX_LISTED else "")
 
 
-def expected_adapter_state(plan: Plan) -> dict[str, Tensor]:
+def expected_adapter_state(plan: Plan, source: str = "plan") -> dict[str, Tensor]:
     """The adapter tensors a plan needs, built on `meta` (shapes and dtypes, no memory).
 
     `full` rows are not listed: their tensors are the base module's own and are checked
@@ -166,11 +168,14 @@ def expected_adapter_state(plan: Plan) -> dict[str, Tensor]:
     from .adapters.base import get_adapter_class
 
     expected: dict[str, Tensor] = {}
-    for row in plan.rows:
+    for i, row in enumerate(plan.rows):
         if row.method in SPECIAL_METHODS:
             continue
-        with torch.device("meta"):
-            adapter = get_adapter_class(row.method)(row.in_features, row.out_features, **row.hparams)
+        try:
+            with torch.device("meta"):
+                adapter = get_adapter_class(row.method)(row.in_features, row.out_features, **row.hparams)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as err:
+            raise AdapterStateError(f"{source}: plan row {i} ({row.name!r}): {err}") from None
         for key, value in adapter.state_dict().items():
             expected[f"{row.name}.adapter.{key}"] = value
     return expected

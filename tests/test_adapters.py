@@ -383,7 +383,7 @@ def test_dora_eval_cache_follows_parameter_updates():
 
 
 def test_dora_reference_formula():
-    """W' = (m / ||W0 + sBA||_row) (W0 + sBA), bias not rescaled (dora.md §1.1)."""
+    """W' = (m / ||W0 + sBA||_row) (W0 + sBA), bias not rescaled (DoRA, arXiv 2402.09353)."""
     layer = make_layer("dora", {}, r=3, alpha=6.0)
     randomize(layer, scale=0.3)
     ad = layer.adapter
@@ -422,3 +422,137 @@ def test_dora_norm_does_not_overflow_in_fp16():
     expected = torch.linalg.vector_norm(base.weight.float() + layer.adapter.low_rank_weight(), dim=1)
     assert torch.isfinite(norm).all()
     torch.testing.assert_close(norm, expected, rtol=1e-4, atol=1e-3)
+
+
+# -- DoRA under sharding, moves, reassignment and compilation ------------------------------
+
+
+def _dora_eval_pair():
+    layer = make_layer("dora", {})
+    randomize(layer)
+    layer.eval()
+    return layer, torch.randn(4, IN)
+
+
+def _fresh_output(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+    """The uncached reference: `c = m / n` recomputed (grad mode takes the uncached path)."""
+    with torch.enable_grad():
+        return layer(x).detach()
+
+
+def test_dora_inference_cache_is_used_and_dropped_by_train_load_and_merge():
+    layer, x = _dora_eval_pair()
+    with torch.inference_mode():
+        y1 = layer(x)
+        assert layer.adapter._eval_scale is not None  # cached for the next token
+        torch.testing.assert_close(layer(x), y1, rtol=0, atol=0)
+    state = {k: v + 0.3 * torch.randn_like(v) for k, v in layer.adapter.state_dict().items()}
+    layer.adapter.load_state_dict(state)  # new values through load_state_dict
+    with torch.inference_mode():
+        y2 = layer(x)
+    assert not torch.allclose(y1, y2)
+    torch.testing.assert_close(y2, _fresh_output(layer, x), rtol=1e-6, atol=1e-6)
+    layer.train()  # a training phase in between
+    with torch.no_grad():
+        layer.adapter.lora_A.add_(0.3)
+    layer.eval()
+    expected = _fresh_output(layer, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    layer.merge()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.adapter.lora_B.add_(0.3)
+    layer.adapter.invalidate_cache()  # the documented step after an in-place edit outside training
+    expected = _fresh_output(layer, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dora_follows_parameter_reassignment_and_moves():
+    layer, x = _dora_eval_pair()
+    with torch.inference_mode():
+        layer(x)
+    layer.adapter.lora_B = nn.Parameter(layer.adapter.lora_B.detach() + 0.5)  # a new tensor object
+    expected = _fresh_output(layer, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    layer.base.weight = nn.Parameter(2 * layer.base.weight.detach(), requires_grad=False)
+    expected = _fresh_output(layer, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    layer.double()
+    expected = _fresh_output(layer, x.double())
+    with torch.inference_mode():
+        y = layer(x.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dora_refresh_keeps_trained_or_restored_magnitudes():
+    layer = make_layer("dora", {})
+    assert not layer.adapter.refresh_from_base(layer)  # nothing changed since init
+    with torch.no_grad():
+        layer.base.weight.mul_(2.0)  # "pretrained weights loaded after injection"
+    assert layer.adapter.refresh_from_base(layer)
+    torch.testing.assert_close(layer.adapter.magnitude.detach(), layer.base.weight.detach().norm(dim=1))
+    with torch.no_grad():
+        layer.adapter.magnitude.add_(0.1)  # trained (or restored): never overwritten
+        layer.base.weight.mul_(2.0)
+    trained = layer.adapter.magnitude.detach().clone()
+    assert not layer.adapter.refresh_from_base(layer)
+    assert torch.equal(layer.adapter.magnitude.detach(), trained)
+
+
+def test_dora_refresh_and_forward_on_sharded_parameters(monkeypatch):
+    """FSDP2 (`fully_shard`) turns parameters into DTensors: the fit-start refresh and the forward must
+    work on them (the address/version caches crashed: `aten.equal` on mixed Tensor and DTensor)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        layer = make_layer("dora", {})
+        reference = copy.deepcopy(layer)
+        with torch.no_grad():
+            for target in (layer, reference):
+                target.base.weight.mul_(3.0)  # loaded after injection
+        assert reference.adapter.refresh_from_base(reference)
+        fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+        assert isinstance(layer.adapter.magnitude, DTensor) and isinstance(layer.base.weight, DTensor)
+        assert layer.adapter.refresh_from_base(layer)
+        torch.testing.assert_close(layer.adapter.magnitude.full_tensor(), reference.adapter.magnitude.detach())
+        x = torch.randn(3, IN)
+        y = layer(x)
+        torch.testing.assert_close(y, reference(x), rtol=1e-6, atol=1e-6)
+        y.square().sum().backward()
+        assert layer.adapter.magnitude.grad is not None
+        layer.eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), reference(x), rtol=1e-6, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
+def test_compiles_without_graph_breaks(method):
+    """`fullgraph=True` fails on any graph break: training forward/backward and eval forward trace whole."""
+    layer = make_layer(method, {})
+    randomize(layer)
+    x = torch.randn(3, IN)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x), rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.adapter.parameters())
+    layer.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)

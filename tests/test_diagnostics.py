@@ -476,3 +476,71 @@ def test_mora_rope_update_has_higher_effective_rank_than_lora(tmp_path):
     lora = [r["effective_rank"] for r in final if r["method"] == "lora"]
     assert max(lora) <= 8 + 1e-6
     assert min(mora) > max(lora)
+
+
+# -- a method the package has never seen ------------------------------------------------------
+
+
+class RowScale(AdapterMethod):
+    """A toy plug-in method, `W' = (1 + g) ⊙_row W0`, with one extra diagnostic and no routes of its own."""
+
+    method = "rowscale"
+    diagnostic_names = ("gain_norm",)
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.gain = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x, base_out, layer):
+        plain = base_out if layer.bias is None else base_out - layer.bias
+        return base_out + plain * self.gain.to(base_out.dtype)
+
+    def delta_weight(self, weight):
+        return self.gain.to(weight.dtype)[:, None] * weight
+
+    def merge_weight(self, weight):
+        return weight * (1 + self.gain.to(weight.dtype))[:, None]
+
+    def unmerge_weight(self, merged):
+        return merged / (1 + self.gain.to(merged.dtype))[:, None]
+
+    def extra_diagnostics(self, weight, row_norms):
+        return {"gain_norm": self.gain.detach().double().norm()}
+
+
+@pytest.fixture
+def rowscale(monkeypatch):
+    from lightning_peft.adapters import ADAPTERS
+
+    monkeypatch.setitem(ADAPTERS, RowScale.method, RowScale)  # registered for this test only
+    return RowScale
+
+
+def test_new_method_is_measured_exactly_through_the_defaults(rowscale):
+    layer = randomise(adapted(rowscale(24, 20), 24, 20), scale=0.3)
+    got = probe_of(layer, "rowscale").measure()
+    assert_metrics_match(got, brute_force(layer.delta_weight(), layer.base_weight()))
+    assert float(got["gain_norm"]) == pytest.approx(float(layer.adapter.gain.detach().double().norm()))
+
+
+def test_extra_diagnostics_without_a_column_are_warned_not_dropped_silently(rowscale, tmp_path):
+    policy = {"rules": [{"method": "rowscale", "modules": ["q_proj"]}]}
+    module = LlamaModule(policy, layers=2)
+    diag = UpdateDiagnostics(every_n_steps=2, plots=False, log_dir=str(tmp_path / "diag"))
+    with pytest.warns(UserWarning, match=r"without a table column are not logged: \['rowscale: gain_norm'\]"):
+        fit(module, [diag], tmp_path, max_steps=2)
+    final = [r for r in diag.rows if r["step"] == 2]
+    assert len(final) == 2 and all(r["rel_norm"] > 0 and r["method"] == "rowscale" for r in final)
+
+
+def test_w0_statistics_follow_merge_and_replaced_weights():
+    layer = randomise(adapted(LoRA(48, 40, r=4, alpha=8), 48, 40))
+    probe = probe_of(layer, "lora")
+    before = probe.measure()
+    layer.merge()  # the stored weight now holds W0 + dW: W0 is read back through unmerge
+    assert_metrics_match(probe.measure(), {k: float(v) for k, v in before.items()})
+    layer.unmerge()
+    layer.base.weight = nn.Parameter(3 * layer.base.weight.detach(), requires_grad=False)  # a new W0 object
+    ref = brute_force(layer.delta_weight(), layer.base_weight())
+    assert_metrics_match(probe.measure(), ref)
+    assert float(probe.measure()["rel_norm"]) == pytest.approx(float(before["rel_norm"]) / 3, rel=1e-4)

@@ -365,6 +365,9 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     with pytest.raises(OSError, match="disk full"):
         export_peft(model, target, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["keep.txt"]
+    with pytest.raises(OSError, match="disk full"):
+        export_peft(model, tmp_path / "new" / "deeper" / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the parent folders it made are gone too
     monkeypatch.undo()
     export_peft(model, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == [
@@ -479,3 +482,47 @@ def test_hira_beside_lora_needs_a_route(tmp_path):
     assert all(f.rel_error < 1e-6 for f in report.converted) and len(report.converted) == 6
     peft_model = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "out")).eval()
     assert rel_diff(model_out(peft_model, ids), model_out(model, ids)) < RTOL
+
+
+def test_gpt2_conv1d_layers_round_trip_through_peft(tmp_path):
+    from helpers import tiny_gpt2
+
+    model = tiny_gpt2(0)
+    policy = {
+        "rules": [
+            {"method": "lora", "modules": ["attn.c_attn"], "hparams": {"r": 4, "alpha": 8}},
+            {"method": "dora", "modules": ["mlp.c_fc"], "hparams": {"r": 2, "alpha": 4}},
+        ]
+    }
+    inject_adapters(model, policy)
+    randomize_adapters(model)
+    ids = tokens()
+    ours = model_out(model, ids)
+    report = export_peft(model, tmp_path / "gpt2")
+    assert set(report.adapters) == {"lora_conv1d", "dora_conv1d"}
+    config = json.loads((tmp_path / "gpt2" / "dora_conv1d" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_peft_export(tiny_gpt2(0), tmp_path / "gpt2").eval()
+    assert rel_diff(model_out(loaded, ids), ours) < RTOL
+    export_merged(model, tmp_path / "merged")
+    assert rel_diff(model_out(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), ids), ours) < RTOL
+
+
+def test_peft_lora_options_we_do_not_reproduce_are_named_errors(tmp_path):
+    from lightning_peft.export import import_peft
+    from lightning_peft.peft_format import PeftFormatError
+
+    _, folder = peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for field, value, match in (
+        ("lora_bias", True, "lora_bias"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+        ("init_lora_weights", "pissa", "changes the base weights"),
+    ):
+        (folder / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        model = tiny_llama(0)
+        with pytest.raises(PeftFormatError, match=match):
+            import_peft(model, folder)
+        assert get_plan(model) is None

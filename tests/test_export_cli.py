@@ -64,6 +64,7 @@ def export(run: Path, out: Path, *extra: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_export_a_cli_run_to_peft_and_merged(run, tmp_path):
     ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(0))
     ours = reference_logits(run, ids)
@@ -78,6 +79,7 @@ def test_export_a_cli_run_to_peft_and_merged(run, tmp_path):
     assert float((merged - ours).abs().max() / ours.abs().max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_export_errors_exit_2_and_write_nothing(run, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
@@ -125,3 +127,7 @@ def test_inspect_reports_per_layer_diagnostics_of_a_peft_adapter(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["inspect", str(tmp_path / "base"), str(tmp_path / "base"), "--out", str(tmp_path / "x")])
     assert "adapter_config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # LlamaModel has no `model.` level: the names are off by a prefix
+        main(["inspect", str(tmp_path / "adapter"), str(tmp_path / "base"), "--auto_class", "AutoModel"])
+    err = capsys.readouterr().err
+    assert "extra prefix 'model.'" in err and "auto_class" in err

@@ -190,3 +190,12 @@ def test_continual_base_is_memorised_once_and_reused(tmp_path, monkeypatch):
     assert second.prior_pairs == make_uuid_pairs(2, 1000)
     with pytest.raises(pytest.fail.Exception):
         UUIDContinualLM(**{**kw, "prior_seed": 7})  # another set A: another base (not cached yet)
+
+
+def test_continual_base_starts_from_the_same_weights_as_causal_lm():
+    from lightning_peft.tasks.continual import _random_init_llama
+
+    arch = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}  # fmt: skip
+    ours, reference = _random_init_llama(arch, 3).state_dict(), CausalLM(**arch, init_seed=3).model.state_dict()
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)

@@ -1,7 +1,8 @@
 """MoRA: r_hat rule, parameter budget, rank, and the dense delta against independent references.
 
-The references below are written from reference/mora.md (§4.1 helper maps, §4.2 per-element
-table, §4.3 merged form) with plain Python loops in float64; they share no code with
+The references below are written from the MoRA paper (arXiv 2405.12130) and the authors' code
+(github.com/kongds/MoRA): its block map `B_N`, the per-element table of types 1-4, and the merged
+form of the RoPE variant (docs/methods.md), with plain Python loops in float64; they share no code with
 `lightning_peft.adapters.mora`, so a mistake common to its forward and `delta_weight` shows up.
 """
 
@@ -17,7 +18,7 @@ from lightning_peft.adapters.mora import VARIANTS, resolve_variant
 
 F64 = torch.float64
 
-# reference/mora.md §2: (k, d), r, code (round half up), code type 6 (then even)
+# r_hat of the authors' code: (k, d), r, code (round half up), code type 6 (then even)
 R_HAT_TABLE = [
     ((4096, 4096), 8, 256, 256),
     ((4096, 4096), 128, 1024, 1024),
@@ -50,7 +51,7 @@ def our_delta(mod: MoRA) -> torch.Tensor:
 
 
 def ref_block(n_items: int, blocks: int, t: int) -> int:
-    """`B_N(t)` of reference/mora.md §4.1."""
+    """`B_N(t)`: the block of item t when n_items are split into `blocks` near-equal contiguous blocks."""
     q, m = divmod(n_items, blocks)
     if t < m * (q + 1):
         return t // (q + 1)
@@ -58,7 +59,7 @@ def ref_block(n_items: int, blocks: int, t: int) -> int:
 
 
 def ref_delta_table(m: torch.Tensor, k: int, d: int, variant: str) -> torch.Tensor:
-    """Per-element ΔW[j, l] of the §4.2 table (types 1-4), valid when pad <= k."""
+    """Per-element ΔW[j, l] of the types 1-4 table, valid when pad <= k."""
     big_r = m.shape[0]
     n = math.ceil(k / big_r)
     pad = n * big_r - k
@@ -81,7 +82,7 @@ def ref_delta_table(m: torch.Tensor, k: int, d: int, variant: str) -> torch.Tens
 
 
 def ref_delta_operators(m: torch.Tensor, k: int, d: int, variant: str) -> torch.Tensor:
-    """ΔW = D M C with the 0/1 matrices built from the §4.1/§4.2 operator definitions.
+    """ΔW = D M C with the 0/1 matrices built from the operator definitions.
 
     Compression: strided sum over the wrap-padded input `x~_p = x_{p mod k}` (any pad, even pad > k),
     or contiguous block sums. Decompression: tile `h_j = u_{j mod R}` or interleave `h_j = u_{B_d(j)}`.
@@ -102,7 +103,7 @@ def ref_delta_operators(m: torch.Tensor, k: int, d: int, variant: str) -> torch.
 
 
 def ref_delta_rope(m: torch.Tensor, k: int, d: int, rotate: bool) -> torch.Tensor:
-    """§4.3 'Merged form': P_i = M Rot_i, block-diagonal, wrapped columns folded, rows mod nR."""
+    """The RoPE variant's merged form: P_i = M Rot_i, block-diagonal, wrapped columns folded, rows mod nR."""
     big_r = m.shape[0]
     h = big_r // 2
     n = math.ceil(k / big_r)
@@ -161,7 +162,7 @@ def _pad(k: int, d: int, r: int) -> int:
     return math.ceil(k / big_r) * big_r - k
 
 
-# The §4.2 table formula holds for pad <= k only; pad > k is covered by the operator reference.
+# The table formula holds for pad <= k only; pad > k is covered by the operator reference.
 TABLE_SHAPES = [s for s in REF_SHAPES if _pad(*s) <= s[0]]
 
 

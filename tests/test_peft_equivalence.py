@@ -151,7 +151,7 @@ def test_dora_magnitude_init_matches_peft(conv1d, rslora):
 
 
 def test_dora_output_equals_lora_output_at_init_with_nonzero_b():
-    """m initialised from W0 + sBA keeps W' = W0 + sBA (dora.md §1.2)."""
+    """m initialised from W0 + sBA keeps W' = W0 + sBA (DoRA, arXiv 2402.09353; peft)."""
     peft_dora, dora = build_pair(dora=True)
     lora = AdapterLinear(copy.deepcopy(dora.base), LoRA(IN, OUT, r=R, alpha=ALPHA))
     with torch.no_grad():

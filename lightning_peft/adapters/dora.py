@@ -14,9 +14,10 @@ Unlike peft, the training forward never builds an `out x in` matrix. The row nor
 where `W0 A^T` is an `(out, r)` product and `||(BA)_i||^2` needs only the `r x r` Gram
 matrix `A A^T` (docs/methods.md). Nothing is cached from tensor addresses or version
 counters, so the module is safe under sharding (DTensor), `.to()`, parameter reassignment
-and `torch.compile`. The one cache, `m / n` for inference-mode forwards (generation reuses
-it every token), is dropped explicitly: by `train()`/`eval()`, `.to()`, `load_state_dict`,
-merge/unmerge, any forward with gradients, and `invalidate_cache()`.
+and `torch.compile`. The one cache, `m / n` for eager inference-mode forwards (generation
+reuses it every token; compiled code recomputes it), is dropped explicitly: by
+`train()`/`eval()`, `.to()`, `load_state_dict`, merge/unmerge, any forward with gradients,
+and `invalidate_cache()` (call it after editing parameters in place outside those).
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ class DoRA(LowRankFactors):
         self.eps = float(eps)
         # fp32 master copy regardless of the base dtype; cast to the activations' dtype in forward.
         self.magnitude = nn.Parameter(torch.ones(out_features))  # (out,)
-        # The value `m` was initialised to: `m` still equal to it was never trained nor restored.
-        self.register_buffer("magnitude_at_init", None, persistent=False)
+        # The value `m` was initialised to: `m` still equal to it was never trained nor restored. A plain
+        # attribute, not a buffer: DDP would broadcast a buffer every step; it is compared on m's device.
+        self.magnitude_at_init: Tensor | None = None
         self._merge_norm: Tensor | None = None
         self._eval_scale: Tensor | None = None
         self._eval_inputs: tuple = ()
@@ -210,7 +212,7 @@ class DoRA(LowRankFactors):
             if self._eval_scale is not None:
                 self.invalidate_cache()  # a forward with gradients may be followed by an update
             y = _ScaleRows.apply(z, self.magnitude, self.weight_norm(w0))
-        elif not self.training and torch.is_inference_mode_enabled():
+        elif not self.training and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             y = z * self._cached_scale(layer.base.weight, w0, z.dtype)
         else:
             y = z * (self.magnitude / self.weight_norm(w0)).to(z.dtype)

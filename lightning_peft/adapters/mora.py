@@ -3,7 +3,7 @@
     y = W0 x + b + f_decomp(M f_comp(dropout(x))),   M in R^{R x R}, zero-initialised
 
 `R` (`r_hat`) is chosen so that `R^2 ~ (in + out) * r`, the parameter count of LoRA rank `r`
-(the reference code's rounding: round half up; even for the RoPE variant). There is no
+(the authors' code's rounding, github.com/kongds/MoRA: round half up; even for RoPE). There is no
 alpha: the learning rate alone sets the update size. The fixed, parameter-free operators
 (`k` = in, `d` = out, `n = ceil(k / R)`; docs/methods.md):
 
@@ -214,7 +214,7 @@ def resolve_variant(mora_type: str | int, r: int) -> str:
 
 
 def mora_rank(in_features: int, out_features: int, r: int, variant: str) -> int:
-    """Side `R` of M from LoRA rank `r`: round half up, then even when rotating (reference code)."""
+    """Side `R` of M from LoRA rank `r`: round half up, then even when rotating (authors' code)."""
     rotate = OPERATORS[variant].rotate
     r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
     if rotate:
@@ -276,7 +276,7 @@ class MoRA(AdapterMethod):
         """`P_i = M Rot_i` for every chunk, `(n, R, R)` (a view of M when not rotated).
 
         Column q of `M Rot_i` is `M[:, q] cos + M[:, q+h] sin`, column q+h is
-        `M[:, q+h] cos - M[:, q] sin` (half-split pairing, as the reference code).
+        `M[:, q+h] cos - M[:, q] sin` (half-split pairing, as the authors' code).
         """
         if not self.ops.rotate:
             return m.expand(self.chunks, -1, -1)

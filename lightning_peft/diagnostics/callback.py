@@ -36,6 +36,7 @@ from typing_extensions import override
 from ..adapters.base import AdapterLinear, is_supported_layer
 from ..inject import get_plan
 from ..policy import normalise_name, pattern_matches
+from ..sharding import squared_norm, unsharded
 from .metrics import acc_dtype
 from .report import METRICS, TABLE_FILE, Row, append_rows, draw_figures, read_table, summary_table
 from .spectra import UpdateProbe
@@ -153,43 +154,50 @@ class UpdateDiagnostics(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_dir = self.log_dir if self.log_dir is not None else trainer.log_dir  # a collective: every rank
-        probes = build_probes(pl_module, self.modules, snapshot=trainer.is_global_zero)  # copies on rank 0 only
-        if self.modules is not None and not probes:
-            raise ValueError(f"UpdateDiagnostics: `modules` {self.modules} matches no adapted module")
-        if not probes:
-            rank_zero_warn("UpdateDiagnostics: the model carries no adapters (inject_adapters was not applied)")
-        if not trainer.is_global_zero:
-            return
-        self._probes, self._dir = probes, Path(log_dir or trainer.default_root_dir)
-        self.rows, self._last_step, self._grad = [], None, None
-        try:
-            self._resume_table(trainer.global_step)
-        except OSError as err:
-            self._warn_once(str(self._dir), "existing table", err)
-        self._record(trainer, trainer.global_step)
+        with unsharded(pl_module):  # FSDP2: whole weights on every rank while probes copy and measure
+            probes = build_probes(pl_module, self.modules, snapshot=trainer.is_global_zero)  # copies on rank 0
+            if self.modules is not None and not probes:
+                raise ValueError(f"UpdateDiagnostics: `modules` {self.modules} matches no adapted module")
+            if not probes:
+                rank_zero_warn("UpdateDiagnostics: the model carries no adapters (inject_adapters was not applied)")
+            unlisted = sorted({f"{p.method}: {n}" for p in probes for n in p.extra_names if n not in METRICS})
+            if unlisted:  # a method registered after this module was imported: its extras have no column
+                rank_zero_warn(f"UpdateDiagnostics: extra diagnostics without a column are not logged: {unlisted}")
+            # Every rank keeps the probes: under FSDP2 each must join the gathers; rank zero measures.
+            self._probes, self._last_step, self._grad = probes, None, None
+            if not trainer.is_global_zero:
+                self._last_step = trainer.global_step
+                return
+            self._dir = Path(log_dir or trainer.default_root_dir)
+            self.rows = []
+            try:
+                self._resume_table(trainer.global_step)
+            except OSError as err:
+                self._warn_once(str(self._dir), "existing table", err)
+            self._record(trainer, trainer.global_step)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if trainer.is_global_zero and self._probes and step % self.every_n_steps == 0 and step != self._last_step:
-            self._record(trainer, step)
+        if self._probes and step % self.every_n_steps == 0 and step != self._last_step:
+            self._record_everywhere(trainer, pl_module, step)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = trainer.global_step + 1  # the step this optimizer update completes
-        if not (self.track_grad_norm and trainer.is_global_zero and self._probes):
+        if not (self.track_grad_norm and self._probes):
             return
         if step % self.every_n_steps and step != trainer.max_steps:
             return
         norms: list[Tensor | None] = []
-        with torch.no_grad():
+        with torch.no_grad():  # every rank: a sharded gradient's norm is a sum over ranks
             for probe in self._probes:
                 try:
-                    sq = [p.grad.detach().float().square().sum() for p in probe.parameters() if p.grad is not None]
+                    sq = [squared_norm(p.grad.detach()) for p in probe.parameters() if p.grad is not None]
                     norms.append(torch.stack([g.to(sq[0].device) for g in sq]).sum().sqrt() if sq else None)
                 except Exception as err:  # never stop training
                     self._warn_once(probe.name, "gradient norm", err)
@@ -198,11 +206,12 @@ class UpdateDiagnostics(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self._probes:
+        if not self._probes:
             return
         if trainer.global_step != self._last_step:
-            self._record(trainer, trainer.global_step)
-        self._report(trainer)
+            self._record_everywhere(trainer, pl_module, trainer.global_step)
+        if trainer.is_global_zero:
+            self._report(trainer)
 
     # -- work ------------------------------------------------------------------------------
 
@@ -234,6 +243,13 @@ class UpdateDiagnostics(Callback):
             row.update(zip(METRICS, values, strict=True))
             rows.append(row)
         return rows
+
+    def _record_everywhere(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Every rank gathers sharded weights (FSDP2; nothing otherwise); rank zero measures and writes."""
+        self._last_step = step
+        with unsharded(pl_module):
+            if trainer.is_global_zero:
+                self._record(trainer, step)
 
     def _record(self, trainer: pl.Trainer, step: int) -> None:
         self._last_step = step

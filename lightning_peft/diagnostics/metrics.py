@@ -1,4 +1,4 @@
-"""Pure metrics of a weight update `dW = W_eff - W0` (DESIGN §6, reference/dora.md §4.1, §5.2).
+"""Pure metrics of a weight update `dW = W_eff - W0` (docs/methods.md; drift: DoRA, arXiv 2402.09353).
 
 Every spectral metric is a function of the singular values `s` of `dW` (any order, zeros
 allowed, as returned by `torch.linalg.svdvals` or by the cheap routes in `spectra.py`):
@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..adapters.base import accumulation_dtype as acc_dtype  # float64, float32 on MPS
+
 EPS32 = torch.finfo(torch.float32).eps
 # An update this small relative to W0 is fp32 rounding (e.g. DoRA's m / ||V|| at init).
 ZERO_UPDATE_RTOL = 4 * EPS32
@@ -42,11 +44,6 @@ ZERO_UPDATE_RTOL = 4 * EPS32
 # and `report.METRICS` (the CSV columns) puts them together.
 SPECTRAL_METRICS = ("fro_norm", "rel_norm", "spectral_ratio", "stable_rank", "effective_rank", "r90")
 DRIFT_METRICS = ("mag_drift", "dir_drift")
-
-
-def acc_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the small reductions, except where the device has none (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _sorted_values(s: Tensor) -> Tensor:

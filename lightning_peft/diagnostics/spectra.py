@@ -40,14 +40,14 @@ class UpdateProbe:
     """Measures one tracked module: the update, its spectrum and its row drift.
 
     `W0` statistics (`||W0||_F`, `sigma_1(W0)`, row norms) are computed once and recomputed
-    only when the frozen weight changes in place (a merge). `full` modules keep a copy of
-    their starting weight; adapters read `W0` from their frozen base (no copy).
+    only when the frozen weight is merged, unmerged, replaced or moved. `full` modules keep a
+    copy of their starting weight; adapters read `W0` from their frozen base (no copy).
 
     Args:
         name: normalised module name.
         block: block depth, or `None` outside the blocks.
         kind: name inside the block.
-        method: `lora`, `dora`, `mora`, `full`, ...
+        method: the adapter method's name, or `full`.
         module: the `AdapterLinear`, or the module owning a trained `weight` (`full`).
         transpose: the `full` weight is stored `(in, out)` (GPT-2 `Conv1D`).
         snapshot: copy a `full` module's starting weight (off for a probe that only names it).

@@ -104,6 +104,21 @@ def memorise_uuid_base(
     return folder
 
 
+def _random_init_llama(arch: dict[str, Any], init_seed: int) -> torch.nn.Module:
+    """The config-built Llama that `CausalLM(**arch, init_seed=init_seed)` holds, built directly:
+    a nested `CausalLM` inside a LightningCLI instantiation would take the outer module's
+    hyper-parameters (Lightning's `save_hyperparameters` reads the CLI's given init args)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = CharTokenizer()
+    config = LlamaConfig(
+        **arch, attn_implementation="sdpa", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    with seeded(init_seed):
+        return LlamaForCausalLM(config)
+
+
 class UUIDContinualLM(CausalLM):
     """`CausalLM` whose base already memorised a UUID set A (cached on disk), for learning-vs-forgetting runs.
 
@@ -161,8 +176,7 @@ class UUIDContinualLM(CausalLM):
                 "prior_steps": prior_steps, "prior_lr": prior_lr, "format": 1}  # fmt: skip
         folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
         if not (Path(folder).expanduser() / base_cache_key(spec) / BASE_RECORD).is_file():
-            fresh = CausalLM(**arch, init_seed=init_seed)
-            folder = memorise_uuid_base(fresh.model, spec, folder)
+            folder = memorise_uuid_base(_random_init_llama(arch, init_seed), spec, folder)
         else:
             folder = Path(folder).expanduser() / base_cache_key(spec)
         super().__init__(
