@@ -508,7 +508,7 @@ def test_dora_refresh_keeps_trained_or_restored_magnitudes():
     assert torch.equal(layer.adapter.magnitude.detach(), trained)
 
 
-def test_dora_refresh_and_forward_on_sharded_parameters(monkeypatch):
+def test_dora_refresh_and_forward_on_sharded_parameters():
     """FSDP2 (`fully_shard`) turns parameters into DTensors: the fit-start refresh and the forward must
     work on them (the address/version caches crashed: `aten.equal` on mixed Tensor and DTensor)."""
     import torch.distributed as dist
@@ -516,9 +516,7 @@ def test_dora_refresh_and_forward_on_sharded_parameters(monkeypatch):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29531")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # in-process: no port to collide
     try:
         layer = make_layer("dora", {})
         reference = copy.deepcopy(layer)
