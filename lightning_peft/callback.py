@@ -87,8 +87,8 @@ def check_checkpoint_strategy(strategy: Any, adapter_only: bool) -> None:
     by default and, on resume, requires every key of the model in it; an adapter-only
     checkpoint leaves the frozen weights out. Adapter-only checkpoints under FSDP2 are
     therefore gathered single files (`save_distributed_checkpoint=False`): small, resumable
-    under FSDP2, and readable in one process (`restore_from_checkpoint`). See README,
-    "Distributed".
+    under FSDP2, and readable in one process (`restore_from_checkpoint`). Checked at setup when
+    a `ModelCheckpoint` will write, and again before any save. See README, "Distributed".
     """
     if not adapter_only or type(strategy).__name__ != "ModelParallelStrategy":
         return
@@ -188,7 +188,8 @@ class AdapterCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._warn_about_trainer(trainer)
-        check_checkpoint_strategy(trainer.strategy, self.adapter_only_checkpoint)
+        if trainer.checkpoint_callbacks:  # checkpoints will be written: refuse a layout that cannot resume now
+            check_checkpoint_strategy(trainer.strategy, self.adapter_only_checkpoint)
         try:
             self.inject(pl_module)
         except PolicyError:
@@ -296,6 +297,7 @@ class AdapterCallback(Callback):
         plan = get_plan(pl_module)
         if plan is None:
             return
+        check_checkpoint_strategy(trainer.strategy, self.adapter_only_checkpoint)  # a manual save: nothing written
         if self.check_finite:
             bad = first_non_finite(pl_module, grads=False)
             if bad is not None:
