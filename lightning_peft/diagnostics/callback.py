@@ -36,7 +36,7 @@ from typing_extensions import override
 from ..adapters.base import AdapterLinear, is_supported_layer
 from ..inject import get_plan
 from ..policy import normalise_name, pattern_matches
-from ..sharding import squared_norm, unsharded
+from ..sharding import is_sharded, squared_norm, unsharded
 from .metrics import acc_dtype
 from .report import METRICS, TABLE_FILE, Row, append_rows, draw_figures, read_table, summary_table
 from .spectra import UpdateProbe
@@ -192,6 +192,8 @@ class UpdateDiagnostics(Callback):
     ) -> None:
         step = trainer.global_step + 1  # the step this optimizer update completes
         if not (self.track_grad_norm and self._probes):
+            return
+        if not trainer.is_global_zero and not is_sharded(pl_module):  # DDP: only rank zero measures
             return
         if step % self.every_n_steps and step != trainer.max_steps:
             return
