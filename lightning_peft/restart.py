@@ -278,8 +278,7 @@ class MergeRestart(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hook()
         check_restartable(pl_module)
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        check_every(self.every, total)
+        check_every(self.every, trainer.estimated_stepping_batches)  # max_steps, or epochs x batches
         check_schedules(trainer, self.every)
         if model_restarts(pl_module) != self.restarts:
             raise RestartError(
