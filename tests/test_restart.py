@@ -429,3 +429,41 @@ def test_gpt2_conv1d_restart_fit(tmp_path):
     assert all(math.isfinite(v) for v in module.train_losses)
     moved = [n for n, la in find_adapters(module) if not torch.equal(la.base.weight, before[f"{n}.weight"])]
     assert len(moved) == len(find_adapters(module))
+
+
+def test_validate_from_a_restarted_checkpoint(restart_run, tmp_path):
+    """`validate(ckpt_path=...)` with AdapterCallback alone rebuilds merged bases and MoRA's operator."""
+    ref, _, root = restart_run
+    expected = trainer(tmp_path).validate(ref, dataloaders=token_loader(), verbose=False)[0]["val_loss"]
+    fresh = CausalLMModule()
+    got = trainer(tmp_path, callbacks=[AdapterCallback(HYBRID, verbose=False)]).validate(
+        fresh, dataloaders=token_loader(), ckpt_path=root / "step=8.ckpt", verbose=False
+    )
+    assert got[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_restarts_count_optimizer_steps_under_gradient_accumulation(tmp_path):
+    module = CausalLMModule()
+    restart = MergeRestart(2)
+    tr = trainer(
+        tmp_path,
+        max_steps=5,
+        accumulate_grad_batches=2,
+        callbacks=[AdapterCallback(LORA_R2, verbose=False), restart],
+    )
+    tr.fit(module, train_dataloaders=token_loader(n=16, batch_size=4))
+    assert tr.global_step == 5 and len(module.train_losses) == 10
+    assert restart.restarts == 2  # after optimizer steps 2 and 4, once each
+    assert {la.restarts for _, la in find_adapters(module)} == {2}
+
+
+def test_cli_lr_scheduler_section_steps_a_jagged_schedule_every_step():
+    from lightning_peft.cli import lazy_configure_optimizers
+
+    module = CausalLMModule()
+    inject_adapters(module, LORA_R2)
+    scheduler = {"class_path": "lightning_peft.JaggedCosineLR", "init_args": {"total_steps": 10, "restart_every": 5}}
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1}}
+    out = lazy_configure_optimizers(optimizer, scheduler)(module)
+    assert isinstance(out["lr_scheduler"]["scheduler"], JaggedCosineLR)
+    assert out["lr_scheduler"]["interval"] == "step"
