@@ -467,3 +467,30 @@ def test_cli_lr_scheduler_section_steps_a_jagged_schedule_every_step():
     out = lazy_configure_optimizers(optimizer, scheduler)(module)
     assert isinstance(out["lr_scheduler"]["scheduler"], JaggedCosineLR)
     assert out["lr_scheduler"]["interval"] == "step"
+
+
+@pytest.mark.parametrize("strategy", ["ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_are_refused(strategy):
+    from types import SimpleNamespace
+
+    from lightning_peft.restart import check_companions
+
+    fake = SimpleNamespace(strategy=type(strategy, (), {})(), callbacks=[])
+    with pytest.raises(RestartError, match=f"does not support {strategy} yet"):
+        check_companions(fake)
+
+
+def test_restarts_under_bf16_true(tmp_path):
+    """bf16 bases (fp32 adapter masters): merges round to bf16, training goes on with finite losses."""
+    module = CausalLMModule()
+    tr = trainer(
+        tmp_path,
+        max_steps=5,
+        precision="bf16-true",
+        callbacks=[AdapterCallback(HYBRID, verbose=False), MergeRestart(2)],
+    )
+    tr.fit(module, train_dataloaders=token_loader())
+    assert all(math.isfinite(v) for v in module.train_losses) and len(module.train_losses) == 5
+    layers = find_adapters(module)
+    assert {la.base.weight.dtype for _, la in layers} == {torch.bfloat16}
+    assert {la.restarts for _, la in layers} == {2}
