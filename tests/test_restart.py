@@ -494,3 +494,27 @@ def test_restarts_under_bf16_true(tmp_path):
     layers = find_adapters(module)
     assert {la.base.weight.dtype for _, la in layers} == {torch.bfloat16}
     assert {la.restarts for _, la in layers} == {2}
+
+
+def test_resume_equals_uninterrupted_with_pruning_and_full_checkpoints(tmp_path):
+    """The other settings: ReLoRA's magnitude pruning of the optimizer state, full (not adapter-only) files."""
+
+    def run(root, ckpt_path=None):
+        module = CausalLMModule()
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        callbacks = [
+            AdapterCallback(HYBRID, verbose=False, adapter_only_checkpoint=False),
+            MergeRestart(3, optimizer_reset="prune", prune_ratio=0.5),
+            ckpt,
+        ]
+        tr = trainer(root, max_steps=8, callbacks=callbacks, enable_checkpointing=True)
+        tr.fit(module, train_dataloaders=token_loader(), ckpt_path=ckpt_path)
+        return module, tr
+
+    ref, ref_tr = run(tmp_path / "a")
+    module, tr = run(tmp_path / "b", ckpt_path=tmp_path / "a" / "step=4.ckpt")
+    assert module.train_losses == ref.train_losses[4:]
+    ref_state, state = ref.state_dict(), module.state_dict()
+    assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
+    sa, sb = ref_tr.optimizers[0].state_dict()["state"], tr.optimizers[0].state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
