@@ -518,3 +518,17 @@ def test_resume_equals_uninterrupted_with_pruning_and_full_checkpoints(tmp_path)
     assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
     sa, sb = ref_tr.optimizers[0].state_dict()["state"], tr.optimizers[0].state_dict()["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+@pytest.mark.parametrize("value", [-1, "2", 1.0, True])
+def test_bad_restart_count_in_a_checkpoint_is_refused(restart_run, value):
+    _, _, root = restart_run
+    ckpt = torch.load(root / "step=4.ckpt", weights_only=True)
+    ckpt["lightning_peft"]["restarts"] = value
+    fresh = CausalLMModule()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(AdapterStateError, match=r"`lightning_peft.restarts` must be a non-negative integer"):
+        restore_from_checkpoint(fresh, ckpt)
+    assert find_adapters(fresh) == [] and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    with pytest.raises(RestartError, match="bad restart count"):
+        MergeRestart(3).load_state_dict({"every": 3, "seed": 0, "restarts": value if value != 1.0 else "1"})
