@@ -532,3 +532,24 @@ def test_bad_restart_count_in_a_checkpoint_is_refused(restart_run, value):
     assert find_adapters(fresh) == [] and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     with pytest.raises(RestartError, match="bad restart count"):
         MergeRestart(3).load_state_dict({"every": 3, "seed": 0, "restarts": value if value != 1.0 else "1"})
+
+
+def test_cumulative_rank_bounds_documented_in_docs_restart():
+    """docs/restart.md: sharing-type ReMoRA on 128x128, r=4 (R=32) reaches 32, then 56, and stays; LoRA grows by r."""
+
+    def ranks(method, **hp):
+        torch.manual_seed(0)
+        base = nn.Linear(128, 128).double()
+        w0 = base.weight.detach().clone()
+        layer = AdapterLinear(base, get_adapter_class(method)(128, 128, **hp)).double()
+        out = []
+        for cycle in range(1, 7):
+            randomise(layer.adapter, seed=cycle)
+            layer.merge_and_restart(cycle, torch.Generator().manual_seed(cycle))
+            out.append(int(torch.linalg.matrix_rank(layer.base.weight.detach() - w0)))
+        return out
+
+    assert ranks("mora", r=4, mora_type="sharing") == [32, 56, 56, 56, 56, 56]
+    assert ranks("mora", r=4, mora_type="sharing", remora_types=2) == [32, 56, 56, 56, 56, 56]
+    assert ranks("lora", r=4) == [4, 8, 12, 16, 20, 24]
+    assert ranks("mora", r=4, mora_type="rope") == [128] * 6
