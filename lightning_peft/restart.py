@@ -302,6 +302,8 @@ class MergeRestart(Callback):
             reset_optimizer_state(trainer.optimizers, params, self.optimizer_reset, self.prune_ratio)
             self.restarts = due
             rank_zero_info(f"MergeRestart: merged and restarted {len(find_adapters(pl_module))} modules at step {step}")
+            for logger in trainer.loggers:  # a marker next to the loss curves (loggers write on rank zero)
+                logger.log_metrics({"restart/cycle": float(due)}, step=step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hook()

@@ -553,3 +553,18 @@ def test_cumulative_rank_bounds_documented_in_docs_restart():
     assert ranks("mora", r=4, mora_type="sharing", remora_types=2) == [32, 56, 56, 56, 56, 56]
     assert ranks("lora", r=4) == [4, 8, 12, 16, 20, 24]
     assert ranks("mora", r=4, mora_type="rope") == [128] * 6
+
+
+def test_each_restart_is_logged(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule()
+    logger = CSVLogger(tmp_path, name="logs", version="")
+    tr = trainer(
+        tmp_path, max_steps=5, logger=logger, callbacks=[AdapterCallback(LORA_R2, verbose=False), MergeRestart(2)]
+    )
+    tr.fit(module, train_dataloaders=token_loader())
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
+    assert [(int(r["step"]), float(r["restart/cycle"])) for r in rows if r.get("restart/cycle")] == [(2, 1.0), (4, 2.0)]
