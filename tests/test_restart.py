@@ -568,3 +568,17 @@ def test_each_restart_is_logged(tmp_path):
 
     rows = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
     assert [(int(r["step"]), float(r["restart/cycle"])) for r in rows if r.get("restart/cycle")] == [(2, 1.0), (4, 2.0)]
+
+
+def test_export_merged_of_a_restarted_checkpoint_matches_the_trained_model(restart_run, tmp_path):
+    """The way out after restarts: a merged transformers folder holds every cycle (bases) plus the live one."""
+    from transformers import LlamaForCausalLM
+
+    from lightning_peft import export_merged
+
+    ref, _, root = restart_run
+    restored = CausalLMModule()
+    restore_from_checkpoint(restored, root / "step=8.ckpt")
+    export_merged(restored, tmp_path / "merged", submodule="model")
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(outputs(plain), outputs(ref.model), rtol=1e-5, atol=1e-5)
