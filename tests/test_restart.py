@@ -582,3 +582,18 @@ def test_export_merged_of_a_restarted_checkpoint_matches_the_trained_model(resta
     export_merged(restored, tmp_path / "merged", submodule="model")
     plain = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(outputs(plain), outputs(ref.model), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_export_with_the_merged_base_matches_the_trained_model(tmp_path):
+    """ReLoRA out to HF peft: the live LoRA cycle as a peft adapter on the merged base (`save_base=True`)."""
+    from transformers import LlamaForCausalLM
+
+    from lightning_peft import load_peft_export
+
+    module = CausalLMModule()
+    tr = trainer(tmp_path, max_steps=5, callbacks=[AdapterCallback(LORA_R2, verbose=False), MergeRestart(2)])
+    tr.fit(module, train_dataloaders=token_loader())
+    export_peft(module, tmp_path / "peft", submodule="model", save_base=True)
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "peft" / "base").eval()
+    peft_model = load_peft_export(base, tmp_path / "peft").eval()
+    torch.testing.assert_close(outputs(peft_model), outputs(module.model.eval()), rtol=1e-5, atol=1e-5)
