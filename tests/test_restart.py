@@ -4,6 +4,7 @@ resume equality, optimizer reset, the jagged schedule, checkpoints and bad input
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -597,3 +598,20 @@ def test_peft_export_with_the_merged_base_matches_the_trained_model(tmp_path):
     base = LlamaForCausalLM.from_pretrained(tmp_path / "peft" / "base").eval()
     peft_model = load_peft_export(base, tmp_path / "peft").eval()
     torch.testing.assert_close(outputs(peft_model), outputs(module.model.eval()), rtol=1e-5, atol=1e-5)
+
+
+def test_summary_table_with_full_modules_next_to_restarted_adapters(tmp_path):
+    """`full` modules have no cumulative columns (NaN): the caption counts the adapters only."""
+    from lightning_peft.diagnostics.report import summary_table
+
+    module = CausalLMModule()
+    policy = {"rules": [{"method": "full", "modules": ["embed_tokens"]}, *LORA_R2["rules"]]}  # the first row
+    diag = UpdateDiagnostics(every_n_steps=2, log_dir=str(tmp_path / "diag"), plots=False)
+    tr = trainer(tmp_path, max_steps=5, callbacks=[AdapterCallback(policy, verbose=False), MergeRestart(2), diag])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(module, train_dataloaders=token_loader())
+    assert not [w for w in caught if "UpdateDiagnostics" in str(w.message)]  # a failing table would warn
+    rows = read_table(tmp_path / "diag")
+    assert any(r["method"] == "full" and math.isnan(r["cum_effective_rank"]) for r in rows)
+    assert "after 2 restart(s)" in str(summary_table(rows).caption)

@@ -120,10 +120,11 @@ def summary_table(rows: Sequence[Row], title: str | None = None):
         captions.append(
             "corr(dir drift, mag drift) by method: " + ", ".join(f"{m} {_fmt(v, 2)}" for m, v in corr.items())
         )
-    if has_cumulative(final):
+    tracked = [r for r in final if math.isfinite(r.get("cum_effective_rank", math.nan))]  # not `full` modules
+    if tracked:
         captions.append(
-            f"after {int(max(r['restarts'] for r in final))} restart(s): mean eff. rank of the update over all "
-            f"cycles {_fmt(_mean(r['cum_effective_rank'] for r in final), 3)}"
+            f"after {int(max(r['restarts'] for r in tracked))} restart(s): mean eff. rank of the update over all "
+            f"cycles {_fmt(_mean(r['cum_effective_rank'] for r in tracked), 3)}"
         )
     if captions:
         table.caption = "\n".join(captions)
