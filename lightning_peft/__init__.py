@@ -27,6 +27,7 @@ from .inject import (
 )
 from .peft_format import PeftFormatError
 from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule
+from .restart import JaggedCosineLR, MergeRestart, RestartError
 
 __version__ = "0.1.0"
 
@@ -40,12 +41,15 @@ __all__ = [
     "DoRA",
     "ExportError",
     "LayerPolicy",
+    "JaggedCosineLR",
     "LoRA",
+    "MergeRestart",
     "MoRA",
     "PeftFormatError",
     "Plan",
     "PolicyError",
     "PolicyWarning",
+    "RestartError",
     "Rule",
     "UpdateDiagnostics",
     "__version__",

@@ -45,14 +45,18 @@ from torch.utils.hooks import RemovableHandle
 from .inject import (
     CHECKPOINT_KEY,
     AdapterStateError,
+    base_weight_keys,
     check_checkpoint,
     check_checkpoint_plan,
     find_adapters,
     get_plan,
     inject_adapters,
     merge_adapters,
+    model_restarts,
     remove_adapters,
     save_adapters,
+    set_restarts,
+    stored_restarts,
     trainable_state_keys,
 )
 from .optim_groups import apply_rule_settings
@@ -77,7 +81,8 @@ def check_before_load(module: torch.nn.Module, state: dict[str, Any], source: st
     if get_plan(module) is None:
         return
     required = trainable_state_keys(module)
-    check_state(state, module.state_dict(), source, required=required, scan=required & set(state))
+    scan = (required | base_weight_keys(module)) & set(state)  # merged restart cycles travel in base weights
+    check_state(state, module.state_dict(), source, required=required, scan=scan)
 
 
 def check_checkpoint_strategy(strategy: Any, adapter_only: bool) -> None:
@@ -306,6 +311,7 @@ class AdapterCallback(Callback):
             "plan": plan.to_dict(),
             "policy": self.policy.to_dict(),
             "adapter_only": self.adapter_only_checkpoint,
+            "restarts": model_restarts(pl_module),  # merge-and-restart cycles held by the base weights
         }
         if self.adapter_only_checkpoint:
             keep = trainable_state_keys(pl_module)
@@ -320,6 +326,7 @@ class AdapterCallback(Callback):
             check_checkpoint_plan(pl_module, checkpoint, _checkpoint_source(trainer))
             return
         check_checkpoint(pl_module, checkpoint, _checkpoint_source(trainer))
+        set_restarts(pl_module, stored_restarts(checkpoint, _checkpoint_source(trainer)))
 
 
 def restore_from_checkpoint(model: torch.nn.Module, checkpoint: str | Path | dict[str, Any]) -> Plan:
@@ -341,4 +348,5 @@ def restore_from_checkpoint(model: torch.nn.Module, checkpoint: str | Path | dic
         remove_adapters(model)
         raise
     model.load_state_dict(checkpoint["state_dict"], strict=not stored.get("adapter_only", False))
+    set_restarts(model, stored_restarts(checkpoint, source))
     return plan

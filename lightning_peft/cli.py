@@ -41,6 +41,7 @@ from .export import ExportError
 from .inject import AdapterStateError
 from .peft_format import PeftFormatError
 from .policy import LayerPolicy, PolicyError
+from .restart import JaggedCosineLR, RestartError
 from .schema import register_jsonargparse_loader
 
 OPTIMIZER_KEY = "optimizer"
@@ -100,6 +101,8 @@ def lazy_configure_optimizers(optimizer_init: dict[str, Any], lr_scheduler_init:
     def configure_optimizers(module: pl.LightningModule) -> Any:
         optimizer = instantiate_class([p for p in module.parameters() if p.requires_grad], optimizer_init)
         scheduler = instantiate_class(optimizer, lr_scheduler_init) if lr_scheduler_init else None
+        if isinstance(scheduler, JaggedCosineLR):  # a per-step schedule (LightningCLI's default steps per epoch)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return LightningCLI.configure_optimizers(module, optimizer, scheduler)
 
     return configure_optimizers
@@ -272,7 +275,13 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(compare_main(argv[1:]))
     try:
         PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
-    except (PolicyError, AdapterStateError, ExportError, PeftFormatError) as err:  # a message, not a traceback
+    except (
+        PolicyError,
+        AdapterStateError,
+        ExportError,
+        PeftFormatError,
+        RestartError,
+    ) as err:  # a message, not a traceback
         print(f"lightning-peft: error: {err}", file=sys.stderr)
         sys.exit(2)
     except pickle.UnpicklingError as err:  # LightningCLI reads --ckpt_path's hyper-parameters with weights_only=True

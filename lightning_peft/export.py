@@ -286,6 +286,12 @@ def export_peft(
         overwrite: replace a non-empty `out`.
     """
     plan = _check_exportable(model)
+    restarts = max((layer.restarts for _, layer in find_adapters(model)), default=0)
+    if restarts and not save_base:
+        raise ExportError(
+            f"The base weights hold {restarts} merged restart cycle(s) (MergeRestart): peft would apply these "
+            "adapters to the original base. Pass save_base=True (the merged base goes to out/base) or use export_merged"
+        )
     prefix, hf = resolve_submodule(model, submodule)
     rows = _strip_prefix(plan.rows, prefix)
     chosen = _routes_for(rows, routes, (svd_rank, svd_energy))

@@ -253,6 +253,12 @@ def save_adapters(model: nn.Module, directory: str | Path, submodule: str | None
 
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot save adapters of a merged model; call unmerge_adapters() first")
+    if model_restarts(model):
+        raise AdapterStateError(
+            f"Cannot save adapters alone: the base weights hold {model_restarts(model)} merged restart cycle(s), "
+            "so the adapters mean nothing on the original base. Save a Lightning checkpoint (it carries the "
+            "merged bases), or export the merged model (`export_merged`, `lightning-peft export`)"
+        )
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -329,7 +335,10 @@ def check_checkpoint(model: nn.Module, checkpoint: dict[str, Any], source: str =
     if not isinstance(state, dict):
         raise AdapterStateError(f"{source}: has no `state_dict` mapping")
     required = trainable_state_keys(model)
-    check_state(state, model.state_dict(), source, required=required, scan=required & set(state))
+    if stored_restarts(checkpoint, source):  # merged cycles live in the base weights: they must be there
+        required |= base_weight_keys(model)
+    scan = (required | base_weight_keys(model)) & set(state)
+    check_state(state, model.state_dict(), source, required=required, scan=scan)
 
 
 def check_checkpoint_plan(model: nn.Module, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
@@ -346,7 +355,34 @@ def check_checkpoint_plan(model: nn.Module, checkpoint: dict[str, Any], source: 
 
 
 def trainable_state_keys(model: nn.Module) -> set[str]:
-    """`state_dict` keys an adapter-only checkpoint keeps: trainable params and adapter buffers."""
+    """`state_dict` keys an adapter-only checkpoint keeps: trainable params and adapter buffers,
+    plus the base weights that merge-and-restart changed."""
     keys = {n for n, p in model.named_parameters() if p.requires_grad}
     keys |= {n for n in model.state_dict() if ".adapter." in n}
+    keys |= {f"{raw}.base.weight" for raw, layer in find_adapters(model) if layer.restarts}
     return keys
+
+
+def base_weight_keys(model: nn.Module) -> set[str]:
+    """`state_dict` keys of every adapted module's base weight."""
+    return {f"{raw}.base.weight" for raw, _ in find_adapters(model)}
+
+
+def model_restarts(model: nn.Module) -> int:
+    """How many merge-and-restart cycles the adapted modules' base weights hold (0: the original ones)."""
+    return max((layer.restarts for _, layer in find_adapters(model)), default=0)
+
+
+def stored_restarts(checkpoint: dict[str, Any], source: str = "checkpoint") -> int:
+    """The restart count a checkpoint records (0 when it records none); a bad value is an error."""
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    value = stored.get("restarts", 0) if isinstance(stored, dict) else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AdapterStateError(f"{source}: `{CHECKPOINT_KEY}.restarts` must be a non-negative integer, got {value!r}")
+    return value
+
+
+def set_restarts(model: nn.Module, cycle: int) -> None:
+    """Put every adapted module in the state of cycle `cycle` (after its base weights were loaded)."""
+    for _, layer in find_adapters(model):
+        layer.set_restarts(cycle)

@@ -20,6 +20,7 @@ count (plans). docs/methods.md lists the methods and walks through adding one.
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -77,6 +78,20 @@ def check_dropout(p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
         raise ValueError(f"`dropout` must be a float in [0, 1), got {p!r}")
     return float(p)
+
+
+@torch.no_grad()
+def kaiming_uniform_(param: Tensor, generator: torch.Generator | None = None) -> None:
+    """`nn.Linear`'s default init (`a = sqrt(5)`); with `generator`, drawn on the CPU then copied.
+
+    Drawing on the CPU makes a seeded re-draw (merge-and-restart) the same on every device and rank.
+    """
+    if generator is None:
+        nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+        return
+    value = torch.empty(param.shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+    param.copy_(value)
 
 
 def adapter_param_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -151,6 +166,29 @@ class AdapterMethod(nn.Module, ABC):
         Returns whether anything changed. State that was trained or restored must be kept.
         """
         return False
+
+    # -- merge and restart (ReLoRA, ReMoRA; docs/methods.md) ---------------------------
+
+    def restart(self, layer: AdapterLinear, cycle: int, generator: torch.Generator) -> None:
+        """Start cycle `cycle` (1 for the first restart) after `layer` folded this update into its base.
+
+        Re-initialise so that the update is zero again and the layer's function is unchanged at
+        this instant (LoRA: A re-drawn, B zero). Random draws must come from `generator` (a CPU
+        generator seeded per layer and cycle), so every rank and a resumed run draw the same.
+        A method that keeps this default cannot train under `MergeRestart`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no re-initialisation rule for merge-and-restart")
+
+    @classmethod
+    def can_restart(cls) -> bool:
+        """Whether the method defines `restart` (checked before training starts)."""
+        return cls.restart is not AdapterMethod.restart
+
+    def set_cycle(self, cycle: int) -> None:
+        """Put structure that changes between cycles in the state of cycle `cycle` (0: as built).
+
+        Called when a checkpoint of a restarted run is loaded; MoRA switches its sharing type here.
+        """
 
     # -- diagnostics ---------------------------------------------------------------------
 
@@ -230,6 +268,8 @@ class AdapterLinear(nn.Module):
         weight = base.weight
         self.adapter = adapter.to(device=weight.device, dtype=adapter_param_dtype(weight.dtype))
         self.merged = False
+        self.restarts = 0  # merge-and-restart cycles folded into the base weight (`MergeRestart`)
+        self.origin_weight: Tensor | None = None  # W0 before any restart, on the CPU (cumulative diagnostics)
         if weight.device.type != "meta":
             self.adapter.init_from_base(self)
 
@@ -286,6 +326,30 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"Merging {self.method} produced non-finite weights; the layer was left unmerged")
         w.copy_(merged.to(w.dtype))
         self.merged = True
+
+    @torch.no_grad()
+    def restart_weight(self) -> Tensor:
+        """The base weight with this cycle's update folded in, in the base dtype (checked finite)."""
+        if self.merged:
+            raise ValueError(f"{self.method} layer is merged; merge-and-restart needs unmerged adapters")
+        w = self.base_weight()
+        merged = self.adapter.merge_weight(w.to(self.adapter_dtype)).to(w.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"Merging {self.method} produced non-finite weights")
+        return merged
+
+    @torch.no_grad()
+    def merge_and_restart(self, cycle: int, generator: torch.Generator, merged: Tensor | None = None) -> None:
+        """Fold the update into the base weight and start cycle `cycle` from a zero update (ReLoRA)."""
+        merged = self.restart_weight() if merged is None else merged
+        self.base_weight().copy_(merged)
+        self.adapter.restart(self, cycle, generator)
+        self.restarts = cycle
+
+    def set_restarts(self, cycle: int) -> None:
+        """Mark the base weight as holding `cycle` merged cycles (a loaded checkpoint's state)."""
+        self.restarts = cycle
+        self.adapter.set_cycle(cycle)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -188,6 +188,13 @@ class DoRA(LowRankFactors):
         self.invalidate_cache()
         return True
 
+    @torch.no_grad()
+    def restart(self, layer: AdapterLinear, cycle: int, generator: torch.Generator) -> None:
+        """A re-drawn, B zero, and `m` the row norms of the merged weight: `m / ||W'|| W' = W'`."""
+        self.reset_parameters(generator)
+        self._merge_norm = None
+        self.reset_magnitude(layer)
+
     # -- forward and merge ---------------------------------------------------------------
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:

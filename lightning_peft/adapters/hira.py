@@ -17,14 +17,13 @@ docs/methods.md walks through this file as the example of adding a method.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterMethod, check_dropout, check_rank, register_adapter
+from .base import AdapterMethod, check_dropout, check_rank, kaiming_uniform_, register_adapter
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
@@ -49,10 +48,16 @@ class HiRA(AdapterMethod):
         self._premerge: Tensor | None = None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-uniform A and zero B, as peft's default `init_weights=True`."""
-        nn.init.kaiming_uniform_(self.hira_A, a=math.sqrt(5))
+        kaiming_uniform_(self.hira_A, generator)
         nn.init.zeros_(self.hira_B)
+
+    @torch.no_grad()
+    def restart(self, layer: AdapterLinear, cycle: int, generator: torch.Generator) -> None:
+        """A re-drawn, B zero: the next cycle modulates the merged weight `W0 ⊙ (1 + B A)`."""
+        self._premerge = None
+        self.reset_parameters(generator)
 
     def hadamard_factor(self) -> Tensor:
         """`B A`, `(out, in)`, in the adapter's dtype."""

