@@ -249,6 +249,8 @@ def plot_cumulative_rank(out: Path, path: Path, seed: int = 0) -> bool:
 def mean_by_step(rows: list[dict], column: str) -> list[tuple[int, float]]:
     by_step: dict[int, list[float]] = {}
     for row in rows:
+        if row.get("method") == "full":  # embeddings, norms, head: not adapter updates
+            continue
         value = row.get(column)
         if value not in (None, "", "nan"):
             by_step.setdefault(int(row["step"]), []).append(float(value))
