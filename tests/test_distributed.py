@@ -1,4 +1,4 @@
-"""Two-process CPU DDP (gloo) with AdapterCallback and UpdateDiagnostics.
+"""Two-process CPU DDP (gloo) with AdapterCallback, MergeRestart and UpdateDiagnostics.
 
 The fit runs in a subprocess (`tests/scripts/ddp_fit.py`) because Lightning's `ddp`
 strategy re-launches the running script for the other rank.
@@ -37,6 +37,22 @@ def test_adapters_identical_across_ranks_and_trained(ddp_run):
     assert moved and all(rank0[k].abs().sum() > 0 for k in moved)  # the adapters really trained
 
 
+def test_restarts_merge_identically_on_every_rank(ddp_run):
+    """The bases hold two merged cycles (they moved from W0), bit-identical on both ranks."""
+    from ddp_fit import TinyLM
+
+    out, log = ddp_run
+    rank0 = torch.load(out / "adapters_rank0.pt")
+    rank1 = torch.load(out / "adapters_rank1.pt")
+    original = TinyLM().state_dict()
+    bases = [k for k in rank0 if k.endswith(".base.weight")]
+    assert len(bases) == 28
+    for key in bases:
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert not torch.equal(rank0[key], original[key.replace(".base.weight", ".weight")]), key
+    assert log.count("MergeRestart: merged and restarted 28 modules") == 2  # rank zero logs, twice
+
+
 def test_plan_and_diagnostics_written_once(ddp_run):
     out, log = ddp_run
     assert log.count("lightning-peft plan") == 1  # the plan table title: printed by rank zero only
@@ -58,9 +74,12 @@ def test_ddp_checkpoint_resumes_in_one_process(ddp_run):
     ckpt = out / "final.ckpt"
     rank0 = torch.load(out / "adapters_rank0.pt")
     restored = TinyLM()
-    restore_from_checkpoint(restored, ckpt)
+    restore_from_checkpoint(restored, ckpt)  # adapters, merged bases and MoRA's cycle
     for key, value in adapter_state_dict(restored).items():
         assert torch.equal(value, rank0[key]), key
+    state = restored.state_dict()
+    for key in [k for k in rank0 if k.endswith(".base.weight")]:
+        assert torch.equal(state[key], rank0[key]), key
     tokens = torch.randint(0, 32, (16, 12), generator=torch.Generator().manual_seed(0))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=8)
     model = TinyLM()

@@ -44,6 +44,10 @@ ZERO_UPDATE_RTOL = 4 * EPS32
 # and `report.METRICS` (the CSV columns) puts them together.
 SPECTRAL_METRICS = ("fro_norm", "rel_norm", "spectral_ratio", "stable_rank", "effective_rank", "r90")
 DRIFT_METRICS = ("mag_drift", "dir_drift")
+# Under merge-and-restart (docs/restart.md): the cycle count and the update summed over every
+# cycle, `W_eff - W_orig` against the weight before the first restart (the metrics above keep
+# measuring the current cycle's update against the current base).
+CUMULATIVE_METRICS = ("restarts", "cum_rel_norm", "cum_effective_rank", "cum_rank")
 
 
 def _sorted_values(s: Tensor) -> Tensor:
@@ -132,6 +136,25 @@ def spectrum_metrics(
         "stable_rank": stable_rank(s),
         "effective_rank": effective_rank(s, size),
         "r90": energy_rank(s, 0.9, size),
+    }
+
+
+def numerical_rank(s: Tensor, size: int) -> Tensor:
+    """Singular values above `s_1 * eps_fp32 * size` (the `torch.linalg.matrix_rank` tolerance)."""
+    s = _sorted_values(s)
+    return (s > s[0] * EPS32 * size).sum().to(s.dtype) if s.numel() else torch.zeros((), dtype=s.dtype)
+
+
+def cumulative_metrics(s: Tensor, origin_fro: Tensor, size: int, restarts: int) -> dict[str, Tensor]:
+    """`CUMULATIVE_METRICS` from the singular values of `W_eff - W_orig` and `||W_orig||_F`."""
+    spectral = spectrum_metrics(s, origin_fro, 1.0, size)
+    restarts_t = torch.tensor(float(restarts), dtype=spectral["rel_norm"].dtype, device=s.device)
+    rank = torch.where(spectral["fro_norm"] > 0, numerical_rank(s, size).to(restarts_t), torch.zeros_like(restarts_t))
+    return {
+        "restarts": restarts_t,
+        "cum_rel_norm": spectral["rel_norm"],
+        "cum_effective_rank": spectral["effective_rank"],
+        "cum_rank": rank,
     }
 
 

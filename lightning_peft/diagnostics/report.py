@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import diagnostic_names
-from .metrics import DRIFT_METRICS, SPECTRAL_METRICS, drift_correlation
+from .metrics import CUMULATIVE_METRICS, DRIFT_METRICS, SPECTRAL_METRICS, drift_correlation
 
 TABLE_FILE = "update_diagnostics.csv"
-METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *diagnostic_names(), "grad_norm")  # methods' extras: their own
+METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *diagnostic_names(), "grad_norm", *CUMULATIVE_METRICS)
 KEY_COLUMNS = ("step", "module", "block", "kind", "method")
 COLUMNS = (*KEY_COLUMNS, *METRICS)
 
@@ -115,10 +115,18 @@ def summary_table(rows: Sequence[Row], title: str | None = None):
             _fmt(_mean(r["r90"] for r in rs), 3),
         )
     corr = drift_correlation(rows)
+    captions = []
     if corr:
-        table.caption = "corr(dir drift, mag drift) by method: " + ", ".join(
-            f"{m} {_fmt(v, 2)}" for m, v in corr.items()
+        captions.append(
+            "corr(dir drift, mag drift) by method: " + ", ".join(f"{m} {_fmt(v, 2)}" for m, v in corr.items())
         )
+    if has_cumulative(final):
+        captions.append(
+            f"after {int(max(r['restarts'] for r in final))} restart(s): mean eff. rank of the update over all "
+            f"cycles {_fmt(_mean(r['cum_effective_rank'] for r in final), 3)}"
+        )
+    if captions:
+        table.caption = "\n".join(captions)
     return table
 
 
@@ -195,6 +203,35 @@ def curves_figure(rows: Sequence[Row], metric: str = "rel_norm"):
     return fig
 
 
+def has_cumulative(rows: Sequence[Row]) -> bool:
+    """Whether the table holds merge-and-restart cumulative metrics (`MergeRestart` with tracking)."""
+    return any(math.isfinite(r.get("cum_effective_rank", math.nan)) for r in rows)
+
+
+def cumulative_figure(rows: Sequence[Row]):
+    """Effective rank of the update summed over all restart cycles, and of the current cycle's, against the step.
+
+    Restarts (vertical lines) reset the current cycle's update; the cumulative rank should climb across them.
+    """
+    fig, axes = _figure(ncols=2)
+    tracked = [r for r in rows if math.isfinite(r.get("cum_effective_rank", math.nan))]
+    for ax, metric, title in (
+        (axes[0], "cum_effective_rank", "all cycles: W_eff - W_orig"),
+        (axes[1], "effective_rank", "current cycle: W_eff - W_base"),
+    ):
+        _plot_means(ax, tracked, "step", metric, markersize=3)
+        ax.set(xlabel="step", ylabel=f"mean {metric}")
+        ax.set_title(f"effective rank of the update, {title}", fontsize=9)
+    restarts: dict[float, int] = {}
+    for r in tracked:
+        restarts.setdefault(r["restarts"], r["step"])
+    for count, step in restarts.items():
+        if count > 0:
+            for ax in axes:
+                ax.axvline(step, color="grey", linewidth=0.6, linestyle=":")
+    return fig
+
+
 def ranks_figure(rows: Sequence[Row]):
     """Effective rank and r90 of the update per block depth, by method, at the last step."""
     fig, axes = _figure(ncols=2)
@@ -238,6 +275,8 @@ def draw_figures(rows: Sequence[Row], out_dir: str | Path) -> dict[str, Any]:
         "updates_ranks": ranks_figure(rows),
         "updates_drift": drift_figure(rows),
     }
+    if has_cumulative(rows):
+        figures["updates_cumulative"] = cumulative_figure(rows)
     images = {}
     for name, fig in figures.items():
         fig.canvas.draw()  # rendered once: the PNG and the TensorBoard image share the pixels

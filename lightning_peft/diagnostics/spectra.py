@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from ..adapters.base import AdapterLinear
 from .metrics import (
+    CUMULATIVE_METRICS,
     DRIFT_METRICS,
     SPECTRAL_METRICS,
     acc_dtype,
+    cumulative_metrics,
     magnitude_drift,
     row_direction_change,
     spectrum_metrics,
@@ -154,6 +156,8 @@ class UpdateProbe:
         stages = [("spectrum", self._spectrum, SPECTRAL_METRICS), ("drift", self._drift, DRIFT_METRICS)]
         if self.extra_names:
             stages.append((f"{self.method} diagnostics", self._extras, self.extra_names))
+        if self.is_adapter and self.module.origin_weight is not None:
+            stages.append(("cumulative update", self._cumulative, CUMULATIVE_METRICS))
         for stage, fn, names in stages:
             try:
                 out.update(fn())
@@ -190,6 +194,13 @@ class UpdateProbe:
         else:
             m_t = (n0.square() + 2 * dot.to(n0.dtype) + dw_sq.to(n0.dtype)).clamp_min(0).sqrt()
         return {"mag_drift": magnitude_drift(m_t, n0), "dir_drift": change.mean()}
+
+    def _cumulative(self) -> dict[str, Tensor]:
+        """The update over every merge-and-restart cycle, `W_eff - W_orig`: dense (restarts make it high-rank)."""
+        origin = self.module.origin_weight.to(self.device, torch.float32)
+        total = self.module.unmerged_base_weight().float() + self.delta() - origin
+        s = torch.linalg.svdvals(total).to(acc_dtype(self.device))
+        return cumulative_metrics(s, origin.norm().to(s.dtype), self.size, self.module.restarts)
 
     def _extras(self) -> dict[str, Tensor]:
         w0 = self._w0()

@@ -1,7 +1,8 @@
-"""Two-process CPU DDP fit with AdapterCallback (launched by tests/test_distributed.py).
+"""Two-process CPU DDP fit with AdapterCallback and MergeRestart (launched by tests/test_distributed.py).
 
 Lightning's `ddp` strategy re-launches this script for rank 1. Every rank writes its
-adapter tensors after training so the test can compare them across ranks.
+adapter tensors and the base weights the restarts merged into after training, so the test
+can compare them across ranks.
 """
 
 import sys
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny builders
 from helpers import CausalLMModule, tiny_llama
 
-from lightning_peft import AdapterCallback, adapter_state_dict
+from lightning_peft import AdapterCallback, MergeRestart, adapter_state_dict, find_adapters
 
 POLICY = {
     "rules": [
@@ -22,6 +23,9 @@ POLICY = {
         {"method": "dora", "modules": ["*"], "depth": {"inner": 1}, "hparams": {"r": 4}},
     ]
 }
+
+
+RESTART_EVERY = 2  # restarts at steps 2 and 4 of 6: MoRA's operator and DoRA's magnitude change twice
 
 
 class TinyLM(CausalLMModule):
@@ -34,7 +38,7 @@ class TinyLM(CausalLMModule):
 def main(out: Path, diagnostics: bool) -> None:
     L.seed_everything(1)  # the same seed on both ranks: adapters start identical, data shards differ
     tokens = torch.randint(0, 32, (64, 12), generator=torch.Generator().manual_seed(0))
-    callbacks = [AdapterCallback(POLICY)]
+    callbacks = [AdapterCallback(POLICY), MergeRestart(every=RESTART_EVERY)]
     if diagnostics:
         from lightning_peft.diagnostics import UpdateDiagnostics
 
@@ -53,6 +57,7 @@ def main(out: Path, diagnostics: bool) -> None:
     model = TinyLM()
     trainer.fit(model, DataLoader(TensorDataset(tokens), batch_size=8))
     state = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+    state.update({f"{n}.base.weight": layer.base.weight.detach().clone() for n, layer in find_adapters(model)})
     torch.save(state, out / f"adapters_rank{trainer.global_rank}.pt")
     trainer.save_checkpoint(out / "final.ckpt")  # Lightning writes it on rank zero only
 
