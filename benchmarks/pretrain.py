@@ -212,21 +212,25 @@ def plot_curves(curves: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_cumulative_rank(out: Path, path: Path, seed: int = 0) -> bool:
-    """Mean effective rank over modules vs step, cumulative (since the original base) and current cycle,
-    for ReLoRA and ReMoRA (LoRA and MoRA without restarts for reference). False if there is nothing to draw."""
+def plot_cumulative_rank(out: Path, path: Path, restart_every: int, seed: int = 0) -> bool:
+    """Left: mean effective rank over the adapted modules vs step, of the update summed over all cycles
+    (`cum_effective_rank`) and of the current cycle's, for ReLoRA and ReMoRA (LoRA and MoRA without restarts
+    for reference). Right: the exact (numerical) rank of the summed update. False if there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     drawn = False
     for key, color in (("relora", "tab:blue"), ("remora", "tab:red"), ("lora", "tab:cyan"), ("mora", "tab:orange")):
         rows = read_csv(out / "diagnostics" / f"{key}_seed{seed}" / "update_diagnostics.csv")
-        columns = [("cum_effective_rank", "-", "cumulative")] if VARIANTS[key].restart else []
-        columns.append(("effective_rank", "--" if VARIANTS[key].restart else ":", "current cycle"))
-        for column, style, what in columns:
+        restart = VARIANTS[key].restart
+        lines = (
+            [(left, "cum_effective_rank", "-", "all cycles"), (right, "cum_rank", "-", "all cycles")] if restart else []
+        )
+        lines.append((left, "effective_rank", "--" if restart else ":", "current cycle" if restart else "no restarts"))
+        for ax, column, style, what in lines:
             points = mean_by_step(rows, column)
             if points:
                 steps, values = zip(*points, strict=True)
@@ -235,11 +239,16 @@ def plot_cumulative_rank(out: Path, path: Path, seed: int = 0) -> bool:
     if not drawn:
         plt.close(fig)
         return False
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("effective rank of the update (mean over modules)")
-    ax.set_title(f"Update rank across merge-and-restart cycles (seed {seed})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    right.axhline(128, color="gray", lw=0.8)
+    right.annotate("full rank (128)", (0, 128), xytext=(2, -12), textcoords="offset points", color="gray", fontsize=8)
+    for ax, ylabel in ((left, "effective rank of the update"), (right, "numerical rank, all cycles")):
+        for x in range(restart_every, int(ax.get_xlim()[1]), restart_every):
+            ax.axvline(x, color="gray", lw=0.5, ls=":")
+        ax.set_xlabel("optimizer step (dotted: merges)")
+        ax.set_ylabel(f"{ylabel} (mean over modules)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Update rank across merge-and-restart cycles (r=16 budget, 128-wide layers, seed {seed})", y=0.99)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -330,7 +339,7 @@ def main() -> None:
                 append_csv(runs_path, [summary])
                 print(f"{key} seed {seed}: ppl {summary['final_val_ppl']:.3f} ({summary['fit_s']:.0f} s)", flush=True)
     plot_curves(read_csv(curves_path), HERE / "pretrain_ppl.png")
-    if not plot_cumulative_rank(args.out, HERE / "pretrain_cumulative_rank.png"):
+    if not plot_cumulative_rank(args.out, HERE / "pretrain_cumulative_rank.png", args.restart_every):
         print("no diagnostics with effective ranks yet: pretrain_cumulative_rank.png not drawn")
     import lightning
     import transformers
