@@ -27,7 +27,7 @@ from .inject import (
 )
 from .peft_format import PeftFormatError
 from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule
-from .restart import JaggedCosineLR, MergeRestart, RestartError
+from .restart import JaggedCosineLR, MergeRestart, RestartError, reset_optimizer_state, restart_adapters
 
 __version__ = "0.1.0"
 
@@ -68,6 +68,8 @@ __all__ = [
     "register_adapter",
     "remove_adapters",
     "render_report",
+    "reset_optimizer_state",
+    "restart_adapters",
     "restore_from_checkpoint",
     "save_adapters",
     "unmerge_adapters",

@@ -116,9 +116,9 @@ class PeftCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault(
-            "trainer_defaults", {"plugins": {"class_path": f"lightning_peft.{AtomicCheckpointIO.__name__}"}}
-        )
+        # Crash-safe checkpoint files unless the caller sets plugins (compare passes its own callbacks here).
+        atomic = {"plugins": {"class_path": f"lightning_peft.{AtomicCheckpointIO.__name__}"}}
+        kwargs["trainer_defaults"] = {**atomic, **(kwargs.get("trainer_defaults") or {})}
         kwargs.setdefault(
             "parser_kwargs",
             {

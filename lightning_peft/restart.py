@@ -234,7 +234,8 @@ class MergeRestart(Callback):
         prune_ratio: the share of state entries `prune` zeroes, in (0, 1).
         seed: seeds the re-draws (LoRA's A), per layer and cycle.
         track_cumulative: keep a CPU copy of the original base weights so that
-            `UpdateDiagnostics` also measures the update summed over all cycles.
+            `UpdateDiagnostics` also measures the update summed over all cycles (only when
+            an `UpdateDiagnostics` callback is in the Trainer).
     """
 
     def __init__(
@@ -265,7 +266,7 @@ class MergeRestart(Callback):
         if stage != "fit":
             return
         check_companions(trainer)
-        if self.track_cumulative:  # on resume the original weights exist only until the checkpoint loads
+        if self._tracks(trainer):  # on resume the original weights exist only until the checkpoint loads
             self._remove_hook()
 
             # Every load overwrites the copy: the last one before fit is the checkpoint's.
@@ -278,15 +279,14 @@ class MergeRestart(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hook()
         check_restartable(pl_module)
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        check_every(self.every, total)
+        check_every(self.every, trainer.estimated_stepping_batches)  # max_steps, or epochs x batches
         check_schedules(trainer, self.every)
         if model_restarts(pl_module) != self.restarts:
             raise RestartError(
                 f"MergeRestart state says {self.restarts} restart(s) but the model's base weights hold "
                 f"{model_restarts(pl_module)}: resume from a checkpoint written with both callbacks"
             )
-        if self.track_cumulative:
+        if self._tracks(trainer):
             if self.restarts and not all(layer.origin_weight is not None for _, layer in find_adapters(pl_module)):
                 rank_zero_warn("MergeRestart: the original weights are unknown here; no cumulative diagnostics")
             elif not self.restarts:
@@ -302,9 +302,17 @@ class MergeRestart(Callback):
             reset_optimizer_state(trainer.optimizers, params, self.optimizer_reset, self.prune_ratio)
             self.restarts = due
             rank_zero_info(f"MergeRestart: merged and restarted {len(find_adapters(pl_module))} modules at step {step}")
+            for logger in trainer.loggers:  # a marker next to the loss curves (loggers write on rank zero)
+                logger.log_metrics({"restart/cycle": float(due)}, step=step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hook()
+
+    def _tracks(self, trainer: pl.Trainer) -> bool:
+        """Keep the original weights only when asked and when `UpdateDiagnostics` will read them."""
+        from .diagnostics import UpdateDiagnostics
+
+        return self.track_cumulative and any(isinstance(cb, UpdateDiagnostics) for cb in trainer.callbacks)
 
     def _remove_hook(self) -> None:
         if self._origin_hook is not None:

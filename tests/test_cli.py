@@ -242,6 +242,8 @@ def test_plain_lightning_cli_automatic_optimizer_is_caught(tmp_path):
 
 def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
     """The crash-safe writer is the CLI's visible default for `trainer.plugins`, not a silent swap."""
+    from lightning.pytorch.callbacks import Callback
+
     from lightning_peft import AtomicCheckpointIO
     from lightning_peft.cli import PeftCLI
 
@@ -256,6 +258,13 @@ def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
         args=["--config", "configs/uuid_lora.yaml", "--trainer.plugins", "null", "--trainer.logger", "false"], run=False
     )
     assert not isinstance(replaced.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    # Callers that add their own trainer defaults (compare adds its recorder) keep the atomic writer.
+    with_callbacks = PeftCLI(
+        args=["--config", "configs/uuid_lora.yaml", "--trainer.logger", "false"],
+        trainer_defaults={"callbacks": [Callback()]},
+        run=False,
+    )
+    assert isinstance(with_callbacks.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_without_a_logger_every_file_lands_under_default_root_dir(tmp_path, monkeypatch):

@@ -429,3 +429,171 @@ def test_gpt2_conv1d_restart_fit(tmp_path):
     assert all(math.isfinite(v) for v in module.train_losses)
     moved = [n for n, la in find_adapters(module) if not torch.equal(la.base.weight, before[f"{n}.weight"])]
     assert len(moved) == len(find_adapters(module))
+
+
+def test_validate_from_a_restarted_checkpoint(restart_run, tmp_path):
+    """`validate(ckpt_path=...)` with AdapterCallback alone rebuilds merged bases and MoRA's operator."""
+    ref, _, root = restart_run
+    expected = trainer(tmp_path).validate(ref, dataloaders=token_loader(), verbose=False)[0]["val_loss"]
+    fresh = CausalLMModule()
+    got = trainer(tmp_path, callbacks=[AdapterCallback(HYBRID, verbose=False)]).validate(
+        fresh, dataloaders=token_loader(), ckpt_path=root / "step=8.ckpt", verbose=False
+    )
+    assert got[0]["val_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_restarts_count_optimizer_steps_under_gradient_accumulation(tmp_path):
+    module = CausalLMModule()
+    restart = MergeRestart(2)
+    tr = trainer(
+        tmp_path,
+        max_steps=5,
+        accumulate_grad_batches=2,
+        callbacks=[AdapterCallback(LORA_R2, verbose=False), restart],
+    )
+    tr.fit(module, train_dataloaders=token_loader(n=16, batch_size=4))
+    assert tr.global_step == 5 and len(module.train_losses) == 10
+    assert restart.restarts == 2  # after optimizer steps 2 and 4, once each
+    assert {la.restarts for _, la in find_adapters(module)} == {2}
+
+
+def test_cli_lr_scheduler_section_steps_a_jagged_schedule_every_step():
+    from lightning_peft.cli import lazy_configure_optimizers
+
+    module = CausalLMModule()
+    inject_adapters(module, LORA_R2)
+    scheduler = {"class_path": "lightning_peft.JaggedCosineLR", "init_args": {"total_steps": 10, "restart_every": 5}}
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1}}
+    out = lazy_configure_optimizers(optimizer, scheduler)(module)
+    assert isinstance(out["lr_scheduler"]["scheduler"], JaggedCosineLR)
+    assert out["lr_scheduler"]["interval"] == "step"
+
+
+@pytest.mark.parametrize("strategy", ["ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_are_refused(strategy):
+    from types import SimpleNamespace
+
+    from lightning_peft.restart import check_companions
+
+    fake = SimpleNamespace(strategy=type(strategy, (), {})(), callbacks=[])
+    with pytest.raises(RestartError, match=f"does not support {strategy} yet"):
+        check_companions(fake)
+
+
+def test_restarts_under_bf16_true(tmp_path):
+    """bf16 bases (fp32 adapter masters): merges round to bf16, training goes on with finite losses."""
+    module = CausalLMModule()
+    tr = trainer(
+        tmp_path,
+        max_steps=5,
+        precision="bf16-true",
+        callbacks=[AdapterCallback(HYBRID, verbose=False), MergeRestart(2)],
+    )
+    tr.fit(module, train_dataloaders=token_loader())
+    assert all(math.isfinite(v) for v in module.train_losses) and len(module.train_losses) == 5
+    layers = find_adapters(module)
+    assert {la.base.weight.dtype for _, la in layers} == {torch.bfloat16}
+    assert {la.restarts for _, la in layers} == {2}
+
+
+def test_resume_equals_uninterrupted_with_pruning_and_full_checkpoints(tmp_path):
+    """The other settings: ReLoRA's magnitude pruning of the optimizer state, full (not adapter-only) files."""
+
+    def run(root, ckpt_path=None):
+        module = CausalLMModule()
+        ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+        callbacks = [
+            AdapterCallback(HYBRID, verbose=False, adapter_only_checkpoint=False),
+            MergeRestart(3, optimizer_reset="prune", prune_ratio=0.5),
+            ckpt,
+        ]
+        tr = trainer(root, max_steps=8, callbacks=callbacks, enable_checkpointing=True)
+        tr.fit(module, train_dataloaders=token_loader(), ckpt_path=ckpt_path)
+        return module, tr
+
+    ref, ref_tr = run(tmp_path / "a")
+    module, tr = run(tmp_path / "b", ckpt_path=tmp_path / "a" / "step=4.ckpt")
+    assert module.train_losses == ref.train_losses[4:]
+    ref_state, state = ref.state_dict(), module.state_dict()
+    assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
+    sa, sb = ref_tr.optimizers[0].state_dict()["state"], tr.optimizers[0].state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+@pytest.mark.parametrize("value", [-1, "2", 1.0, True])
+def test_bad_restart_count_in_a_checkpoint_is_refused(restart_run, value):
+    _, _, root = restart_run
+    ckpt = torch.load(root / "step=4.ckpt", weights_only=True)
+    ckpt["lightning_peft"]["restarts"] = value
+    fresh = CausalLMModule()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(AdapterStateError, match=r"`lightning_peft.restarts` must be a non-negative integer"):
+        restore_from_checkpoint(fresh, ckpt)
+    assert find_adapters(fresh) == [] and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    with pytest.raises(RestartError, match="bad restart count"):
+        MergeRestart(3).load_state_dict({"every": 3, "seed": 0, "restarts": value if value != 1.0 else "1"})
+
+
+def test_cumulative_rank_bounds_documented_in_docs_restart():
+    """docs/restart.md: sharing-type ReMoRA on 128x128, r=4 (R=32) reaches 32, then 56, and stays; LoRA grows by r."""
+
+    def ranks(method, **hp):
+        torch.manual_seed(0)
+        base = nn.Linear(128, 128).double()
+        w0 = base.weight.detach().clone()
+        layer = AdapterLinear(base, get_adapter_class(method)(128, 128, **hp)).double()
+        out = []
+        for cycle in range(1, 7):
+            randomise(layer.adapter, seed=cycle)
+            layer.merge_and_restart(cycle, torch.Generator().manual_seed(cycle))
+            out.append(int(torch.linalg.matrix_rank(layer.base.weight.detach() - w0)))
+        return out
+
+    assert ranks("mora", r=4, mora_type="sharing") == [32, 56, 56, 56, 56, 56]
+    assert ranks("mora", r=4, mora_type="sharing", remora_types=2) == [32, 56, 56, 56, 56, 56]
+    assert ranks("lora", r=4) == [4, 8, 12, 16, 20, 24]
+    assert ranks("mora", r=4, mora_type="rope") == [128] * 6
+
+
+def test_each_restart_is_logged(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule()
+    logger = CSVLogger(tmp_path, name="logs", version="")
+    tr = trainer(
+        tmp_path, max_steps=5, logger=logger, callbacks=[AdapterCallback(LORA_R2, verbose=False), MergeRestart(2)]
+    )
+    tr.fit(module, train_dataloaders=token_loader())
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
+    assert [(int(r["step"]), float(r["restart/cycle"])) for r in rows if r.get("restart/cycle")] == [(2, 1.0), (4, 2.0)]
+
+
+def test_export_merged_of_a_restarted_checkpoint_matches_the_trained_model(restart_run, tmp_path):
+    """The way out after restarts: a merged transformers folder holds every cycle (bases) plus the live one."""
+    from transformers import LlamaForCausalLM
+
+    from lightning_peft import export_merged
+
+    ref, _, root = restart_run
+    restored = CausalLMModule()
+    restore_from_checkpoint(restored, root / "step=8.ckpt")
+    export_merged(restored, tmp_path / "merged", submodule="model")
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(outputs(plain), outputs(ref.model), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_export_with_the_merged_base_matches_the_trained_model(tmp_path):
+    """ReLoRA out to HF peft: the live LoRA cycle as a peft adapter on the merged base (`save_base=True`)."""
+    from transformers import LlamaForCausalLM
+
+    from lightning_peft import load_peft_export
+
+    module = CausalLMModule()
+    tr = trainer(tmp_path, max_steps=5, callbacks=[AdapterCallback(LORA_R2, verbose=False), MergeRestart(2)])
+    tr.fit(module, train_dataloaders=token_loader())
+    export_peft(module, tmp_path / "peft", submodule="model", save_base=True)
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "peft" / "base").eval()
+    peft_model = load_peft_export(base, tmp_path / "peft").eval()
+    torch.testing.assert_close(outputs(peft_model), outputs(module.model.eval()), rtol=1e-5, atol=1e-5)
