@@ -285,6 +285,19 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def per_seed_table(runs: list[dict]) -> str:
+    """Final validation perplexity per variant and seed: a seed fixes the base initialisation for every variant,
+    so differences within a column are paired."""
+    seeds = sorted({int(r["seed"]) for r in runs})
+    lines = ["| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- |" + " ---: |" * len(seeds)]
+    for key, variant in VARIANTS.items():
+        ppl = {int(r["seed"]): float(r["final_val_ppl"]) for r in runs if r["variant"] == key}
+        if ppl:
+            cells = " | ".join(f"{ppl[s]:.3f}" if s in ppl else "-" for s in seeds)
+            lines.append(f"| {variant.label} | {cells} |")
+    return "\n".join(lines)
+
+
 # -- main -------------------------------------------------------------------------------------------------------
 
 
@@ -345,6 +358,8 @@ def main() -> None:
     import transformers
 
     print(table(read_csv(runs_path)))
+    print()
+    print(per_seed_table(read_csv(runs_path)))
     print(
         f"\ntorch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()}, {args.threads} torch thread(s)"
