@@ -188,7 +188,7 @@ def plot_curves(curves: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, variant in VARIANTS.items():
         rows = [r for r in curves if r["variant"] == key]
         if not rows:
@@ -197,16 +197,22 @@ def plot_curves(curves: list[dict], path: Path) -> None:
         per_step = [[float(r["val_ppl"]) for r in rows if int(r["step"]) == s] for s in steps]
         mean = [sum(v) / len(v) for v in per_step]
         seeds = len({r["seed"] for r in rows})
-        (line,) = ax.plot(steps, mean, label=f"{variant.label} ({seeds} seed{'s' * (seeds > 1)})")
-        if seeds > 1:
-            low, high = [min(v) for v in per_step], [max(v) for v in per_step]
-            ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation perplexity (per byte)")
+        low, high = [min(v) for v in per_step], [max(v) for v in per_step]
+        late = [i for i, s in enumerate(steps) if s >= steps[-1] / 2]  # the second half, on a linear scale
+        for axis, idx in ((ax, range(len(steps))), (zoom, late)):
+            x = [steps[i] for i in idx]
+            (line,) = axis.plot(x, [mean[i] for i in idx], label=f"{variant.label} ({seeds} seed{'s' * (seeds > 1)})")
+            if seeds > 1:
+                axis.fill_between(x, [low[i] for i in idx], [high[i] for i in idx], alpha=0.15, color=line.get_color())
     ax.set_yscale("log")
-    ax.set_title("Byte-level pretraining from scratch, small Llama")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.set_title("whole run (log scale)")
+    zoom.set_title("second half")
+    for axis in (ax, zoom):
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("validation perplexity per byte (mean, band: min-max)")
+        axis.grid(True, which="both", alpha=0.3)
+    zoom.legend(fontsize=8)
+    fig.suptitle("Byte-level pretraining from scratch, small Llama")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
