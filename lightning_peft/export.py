@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import AdapterLinear, get_adapter_class
-from .inject import find_adapters, get_plan, inject_adapters, load_adapter_state
+from .inject import find_adapters, get_plan, inject_adapters, load_adapter_state, model_restarts
 from .names import prefix_hint
 from .peft_format import (
     PEFT_TENSOR_NAMES,
@@ -286,7 +286,7 @@ def export_peft(
         overwrite: replace a non-empty `out`.
     """
     plan = _check_exportable(model)
-    restarts = max((layer.restarts for _, layer in find_adapters(model)), default=0)
+    restarts = model_restarts(model)
     if restarts and not save_base:
         raise ExportError(
             f"The base weights hold {restarts} merged restart cycle(s) (MergeRestart): peft would apply these "

@@ -253,9 +253,10 @@ def save_adapters(model: nn.Module, directory: str | Path, submodule: str | None
 
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot save adapters of a merged model; call unmerge_adapters() first")
-    if model_restarts(model):
+    restarts = model_restarts(model)
+    if restarts:
         raise AdapterStateError(
-            f"Cannot save adapters alone: the base weights hold {model_restarts(model)} merged restart cycle(s), "
+            f"Cannot save adapters alone: the base weights hold {restarts} merged restart cycle(s), "
             "so the adapters mean nothing on the original base. Save a Lightning checkpoint (it carries the "
             "merged bases), or export the merged model (`export_merged`, `lightning-peft export`)"
         )
@@ -359,13 +360,13 @@ def trainable_state_keys(model: nn.Module) -> set[str]:
     plus the base weights that merge-and-restart changed."""
     keys = {n for n, p in model.named_parameters() if p.requires_grad}
     keys |= {n for n in model.state_dict() if ".adapter." in n}
-    keys |= {f"{raw}.base.weight" for raw, layer in find_adapters(model) if layer.restarts}
+    keys |= base_weight_keys(model, restarted_only=True)
     return keys
 
 
-def base_weight_keys(model: nn.Module) -> set[str]:
-    """`state_dict` keys of every adapted module's base weight."""
-    return {f"{raw}.base.weight" for raw, _ in find_adapters(model)}
+def base_weight_keys(model: nn.Module, restarted_only: bool = False) -> set[str]:
+    """`state_dict` keys of every adapted module's base weight (only those merge-and-restart changed)."""
+    return {f"{raw}.base.weight" for raw, layer in find_adapters(model) if layer.restarts or not restarted_only}
 
 
 def model_restarts(model: nn.Module) -> int:
