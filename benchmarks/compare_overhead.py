@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_peft.cli import main as cli_main
-from lightning_peft.compare import Variant, override_args, run_comparison
+from lightning_peft.cli.main import main as cli_main
+from lightning_peft.experiments.compare import Variant, override_args, run_comparison
 
 CONFIG = "configs/uuid_continual.yaml"
 VARIANTS = [

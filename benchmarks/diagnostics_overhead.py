@@ -29,8 +29,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_peft.core.inject import inject_adapters
 from lightning_peft.diagnostics import UpdateDiagnostics
-from lightning_peft.inject import inject_adapters
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 POLICIES = {

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_peft.compare import Variant, read_comparison, read_curves, run_comparison
+from lightning_peft.experiments.compare import Variant, read_comparison, read_curves, run_comparison
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKS = {"fraction": [0.0, 1.0]}

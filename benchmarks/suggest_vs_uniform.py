@@ -3,7 +3,7 @@
     python benchmarks/suggest_vs_uniform.py --config configs/uuid_continual.yaml --budget 32768 \
         --out runs/bench_suggest/uuid --seeds 0 1 2
 
-One pilot (the config's seed) decides the policy (`lightning_peft.suggest`); then every policy
+One pilot (the config's seed) decides the policy (`lightning_peft.experiments.suggest`); then every policy
 runs once per seed through `compare` (same data, same steps), and this prints a markdown table
 of learning and forgetting (mean and standard deviation over seeds, at the end and at every
 validation), the figures and CSVs staying in `--out`.
@@ -21,8 +21,8 @@ import lightning
 import torch
 import transformers
 
-from lightning_peft.compare import Variant, read_comparison, read_curves, run_comparison
-from lightning_peft.suggest import SuggestSettings, comparison_variants, suggest
+from lightning_peft.experiments.compare import Variant, read_comparison, read_curves, run_comparison
+from lightning_peft.experiments.suggest import SuggestSettings, comparison_variants, suggest
 
 
 def mean_std(values: list[float]) -> str:

@@ -1,19 +1,16 @@
 """lightning-peft: per-layer hybrid adapters (LoRA, DoRA, MoRA) for PyTorch Lightning."""
 
-from .adapters import ADAPTERS, AdapterLinear, DoRA, LoRA, MoRA, register_adapter
-from .callback import AdapterCallback, restore_from_checkpoint
-from .checkpoint_io import AtomicCheckpointIO
-from .diagnostics import UpdateDiagnostics, render_report
-from .export import (
-    ExportError,
-    export_checkpoint,
-    export_merged,
-    export_peft,
-    import_peft,
-    load_peft_export,
-    peft_policy,
+from lightning_peft.adapters import ADAPTERS, AdapterLinear, DoRA, LoRA, MoRA, register_adapter
+from lightning_peft.callbacks.adapter import AdapterCallback, restore_from_checkpoint
+from lightning_peft.callbacks.checkpoint_io import AtomicCheckpointIO
+from lightning_peft.callbacks.restart import (
+    JaggedCosineLR,
+    MergeRestart,
+    RestartError,
+    reset_optimizer_state,
+    restart_adapters,
 )
-from .inject import (
+from lightning_peft.core.inject import (
     AdapterStateError,
     adapter_state_dict,
     find_adapters,
@@ -25,9 +22,18 @@ from .inject import (
     save_adapters,
     unmerge_adapters,
 )
-from .peft_format import PeftFormatError
-from .policy import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule
-from .restart import JaggedCosineLR, MergeRestart, RestartError, reset_optimizer_state, restart_adapters
+from lightning_peft.diagnostics import UpdateDiagnostics, render_report
+from lightning_peft.interop.export import (
+    ExportError,
+    export_checkpoint,
+    export_merged,
+    export_peft,
+    import_peft,
+    load_peft_export,
+    peft_policy,
+)
+from lightning_peft.interop.peft_format import PeftFormatError
+from lightning_peft.policy import DepthSelector, LayerPolicy, Plan, PolicyError, PolicyWarning, Rule
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-POLICIES = REPO / "lightning_peft" / "presets"
+POLICIES = REPO / "policies"
 PRESETS = sorted(POLICIES.glob("*.yaml"))
 HYBRID = POLICIES / "mora_outer_dora_inner.yaml"
 

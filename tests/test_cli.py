@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_peft.cli import main
+from lightning_peft.cli.main import main
 from lightning_peft.policy import list_presets, preset_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def test_print_config_round_trips(tmp_path, capsys):
     assert exit_info.value.code in (0, None)
     assert yaml.safe_load(capsys.readouterr().out)["adapters"]["policy"] == "mora_outer_dora_inner"  # a preset name
     with pytest.raises(SystemExit):
-        policy = "lightning_peft/presets/mora_outer_dora_inner.yaml"
+        policy = "policies/mora_outer_dora_inner.yaml"
         main(["fit", "--config", "configs/uuid_hybrid.yaml", "--adapters.policy", policy, "--print_config"])
     printed = capsys.readouterr().out
     first = yaml.safe_load(printed)
@@ -245,7 +245,7 @@ def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
     from lightning.pytorch.callbacks import Callback
 
     from lightning_peft import AtomicCheckpointIO
-    from lightning_peft.cli import PeftCLI
+    from lightning_peft.experiments.peft_cli import PeftCLI
 
     cli = PeftCLI(args=["--config", "configs/uuid_lora.yaml", "--trainer.logger", "false"], run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

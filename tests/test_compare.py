@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lightning_peft.compare as compare_module
-from lightning_peft.compare import (
+import lightning_peft.experiments.compare as compare_module
+from lightning_peft.experiments.compare import (
     CompareError,
     Variant,
     compare_main,
@@ -21,7 +21,7 @@ from lightning_peft.compare import (
     run_comparison,
     validate_variants,
 )
-from lightning_peft.compare_figures import pareto_front
+from lightning_peft.experiments.figures import pareto_front
 
 REPO = Path(__file__).resolve().parent.parent
 LORA = "lora_all"  # preset names
@@ -38,8 +38,8 @@ def base_config(tmp_path_factory) -> Path:
             "accelerator": "cpu", "devices": 1, "max_steps": 4, "val_check_interval": 2,
             "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
             "enable_progress_bar": False, "enable_model_summary": False,
-            "callbacks": [{"class_path": "lightning_peft.forgetting.ForgettingMonitor",
-                           "init_args": {"prior": {"class_path": "lightning_peft.forgetting.UUIDRecall"}}}],
+            "callbacks": [{"class_path": "lightning_peft.callbacks.forgetting.ForgettingMonitor",
+                           "init_args": {"prior": {"class_path": "lightning_peft.callbacks.forgetting.UUIDRecall"}}}],
         },
         "model": {"class_path": "lightning_peft.tasks.UUIDContinualLM", "init_args": {
             "prior_pairs": 2, "prior_steps": 5, "cache_dir": str(folder / "cache"), "hidden_size": 16,

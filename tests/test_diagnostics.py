@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_peft.adapters import AdapterLinear, AdapterMethod, DoRA, LoRA, MoRA
+from lightning_peft.core.inject import inject_adapters
 from lightning_peft.diagnostics import (
     COLUMNS,
     UpdateDiagnostics,
@@ -28,7 +29,6 @@ from lightning_peft.diagnostics import (
     render_report,
     stable_rank,
 )
-from lightning_peft.inject import inject_adapters
 
 SPECTRAL = ("fro_norm", "rel_norm", "spectral_ratio", "stable_rank", "effective_rank", "r90")
 ALL = (*SPECTRAL, "mag_drift", "dir_drift")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from lightning_peft import AdapterCallback, find_adapters, get_plan, inject_adapters, merge_adapters
-from lightning_peft.export import (
+from lightning_peft.interop.export import (
     MANIFEST_FILE,
     ExportError,
     export_merged,
@@ -255,7 +255,7 @@ PEFT_CONFIGS = {
 
 @pytest.mark.parametrize("config", PEFT_CONFIGS.values(), ids=PEFT_CONFIGS.keys())
 def test_import_peft_adapter_gives_peft_outputs(tmp_path, config):
-    from lightning_peft.export import import_peft
+    from lightning_peft.interop.export import import_peft
 
     peft_model, folder = peft_adapter(tmp_path, **config)
     ids = tokens()
@@ -273,7 +273,7 @@ def test_import_peft_adapter_gives_peft_outputs(tmp_path, config):
 
 
 def test_imported_peft_adapter_trains_on_under_a_lightning_module(tmp_path):
-    from lightning_peft.export import import_peft, peft_policy
+    from lightning_peft.interop.export import import_peft, peft_policy
 
     peft_model, folder = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     module = CausalLMModule(tiny_llama(0), lr=1e-2)
@@ -293,7 +293,7 @@ def test_imported_peft_adapter_trains_on_under_a_lightning_module(tmp_path):
 
 def test_diagnostics_measure_an_imported_peft_adapter(tmp_path):
     from lightning_peft.diagnostics import build_probes
-    from lightning_peft.export import import_peft
+    from lightning_peft.interop.export import import_peft
 
     peft_model, folder = peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"])
     model = tiny_llama(0)
@@ -313,8 +313,8 @@ def test_diagnostics_measure_an_imported_peft_adapter(tmp_path):
 def test_unsupported_peft_types_are_named_errors(tmp_path):
     from peft import IA3Config, LoHaConfig, get_peft_model
 
-    from lightning_peft.export import import_peft
-    from lightning_peft.peft_format import PeftFormatError
+    from lightning_peft.interop.export import import_peft
+    from lightning_peft.interop.peft_format import PeftFormatError
 
     for name, config in {
         "LOHA": LoHaConfig(r=4, target_modules=["q_proj"]),
@@ -346,7 +346,7 @@ def test_bad_exports_are_named_errors_and_write_nothing(tmp_path):
 
 
 def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_folder(tmp_path, monkeypatch):
-    import lightning_peft.export as export
+    import lightning_peft.interop.export as export
 
     model = tiny_llama(0)
     inject_adapters(model, {"rules": [{"method": "lora", "modules": ["q_proj"], "hparams": {"r": 2}}]})
@@ -409,7 +409,7 @@ def test_fold_route_writes_mora_and_full_modules_into_the_saved_base(tmp_path):
 
 def test_adapters_move_between_a_lightning_module_and_its_bare_model(tmp_path):
     from lightning_peft import load_adapters, save_adapters
-    from lightning_peft.inject import AdapterStateError
+    from lightning_peft.core.inject import AdapterStateError
 
     module = CausalLMModule(tiny_llama(0))
     inject_adapters(module, {"rules": [{"method": "dora", "modules": ["q_proj"], "hparams": {"r": 2}}]})
@@ -432,7 +432,7 @@ def test_adapters_move_between_a_lightning_module_and_its_bare_model(tmp_path):
 
 
 def test_import_names_the_prefix_when_modules_are_missing(tmp_path):
-    from lightning_peft.export import import_peft
+    from lightning_peft.interop.export import import_peft
 
     _, folder = peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
     module = CausalLMModule(tiny_llama(0))
@@ -511,8 +511,8 @@ def test_gpt2_conv1d_layers_round_trip_through_peft(tmp_path):
 
 
 def test_peft_lora_options_we_do_not_reproduce_are_named_errors(tmp_path):
-    from lightning_peft.export import import_peft
-    from lightning_peft.peft_format import PeftFormatError
+    from lightning_peft.interop.export import import_peft
+    from lightning_peft.interop.peft_format import PeftFormatError
 
     _, folder = peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -12,9 +12,9 @@ from helpers import tiny_llama
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import restore_from_checkpoint
-from lightning_peft.cli import main
-from lightning_peft.export import load_peft_export
-from lightning_peft.stored import read_checkpoint
+from lightning_peft.cli.main import main
+from lightning_peft.core.stored import read_checkpoint
+from lightning_peft.interop.export import load_peft_export
 from lightning_peft.tasks import CausalLM
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from lightning_peft import AdapterCallback
-from lightning_peft.forgetting import EmbeddingDrift, ForgettingMonitor, PriorKnowledge, UUIDRecall, drift_metrics
+from lightning_peft.callbacks.forgetting import (
+    EmbeddingDrift,
+    ForgettingMonitor,
+    PriorKnowledge,
+    UUIDRecall,
+    drift_metrics,
+)
 from lightning_peft.tasks import CausalLM, UUIDContinualLM, UUIDMemorization, make_uuid_pairs
 from lightning_peft.tasks.uuid_data import CharTokenizer
 

@@ -24,9 +24,9 @@ sys.path.insert(0, str(SCRIPT.parent))
 import fsdp2_fit  # noqa: E402
 
 from lightning_peft import AdapterCallback, adapter_state_dict, restore_from_checkpoint  # noqa: E402
-from lightning_peft.callback import check_checkpoint_strategy  # noqa: E402
+from lightning_peft.callbacks.adapter import check_checkpoint_strategy  # noqa: E402
+from lightning_peft.core.inject import AdapterStateError  # noqa: E402
 from lightning_peft.diagnostics import UpdateDiagnostics  # noqa: E402
-from lightning_peft.inject import AdapterStateError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RUNS = [*fsdp2_fit.POLICIES, "resume_full", "resume_sharded"]

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import AdapterCallback, LayerPolicy, inject_adapters, load_adapters, save_adapters
 from lightning_peft.adapters import AdapterLinear, AdapterMethod, HiRA
-from lightning_peft.inject import find_adapters, merge_adapters
+from lightning_peft.core.inject import find_adapters, merge_adapters
 
 IN, OUT, R = 24, 20, 4
 RTOL, ATOL = 1e-5, 1e-6

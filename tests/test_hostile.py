@@ -40,9 +40,9 @@ from lightning_peft import (
     save_adapters,
 )
 from lightning_peft.adapters.base import ADAPTERS, AdapterMethod, register_adapter
-from lightning_peft.checkpoint_io import AtomicCheckpointIO
-from lightning_peft.cli import main
-from lightning_peft.schema import MAX_NESTING
+from lightning_peft.callbacks.checkpoint_io import AtomicCheckpointIO
+from lightning_peft.cli.main import main
+from lightning_peft.policy.schema import MAX_NESTING
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_QV = {"rules": [{"name": "qv", "method": "lora", "modules": ["q_proj", "v_proj"], "hparams": {"r": 4}}]}
@@ -454,7 +454,7 @@ OLD_NEW = _two_models()
 
 def _write_legacy_pair(model, directory: Path) -> None:
     """The format before the plan moved into the safetensors header: two files."""
-    from lightning_peft.inject import adapter_state_dict
+    from lightning_peft.core.inject import adapter_state_dict
 
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, directory / "adapters.safetensors")
@@ -467,7 +467,7 @@ def test_property_a_crash_anywhere_in_save_leaves_the_old_or_the_new_adapters(tm
     old, new = OLD_NEW
     directory = tmp_path_factory.mktemp("save") / "adapters"
     _write_legacy_pair(old, directory) if legacy else save_adapters(old, directory)
-    import lightning_peft.inject as inject_module
+    import lightning_peft.core.inject as inject_module
 
     calls = {"n": 0}
     real = {"replace": os.replace, "fsync": os.fsync, "open": os.open}
@@ -644,7 +644,7 @@ def test_a_policy_object_is_saved_in_the_cli_config_as_its_mapping(monkeypatch):
     """A LayerPolicy given in Python used to be dumped as 'Unable to serialize instance ...'."""
     import yaml
 
-    from lightning_peft.cli import PeftCLI
+    from lightning_peft.experiments.peft_cli import PeftCLI
 
     monkeypatch.chdir(REPO)
     config = yaml.safe_load((REPO / "configs" / "uuid_hybrid.yaml").read_text())

@@ -11,7 +11,7 @@ from helpers import CausalLMModule, token_loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_peft import AdapterCallback, LayerPolicy, Plan, PolicyError, find_adapters
-from lightning_peft.optim_groups import GROUP_TAG, OptimizerRegroupError
+from lightning_peft.callbacks.optim_groups import GROUP_TAG, OptimizerRegroupError
 
 BASE_LR = 1e-2
 POLICY = {
@@ -214,7 +214,7 @@ def test_cli_yaml_settings_reach_the_automatic_optimizer_and_the_checkpoint(tmp_
     """From a YAML config through `lightning-peft fit`, LightningCLI's own `optimizer:` included."""
     from test_search_suggest_cli import TINY
 
-    from lightning_peft.cli import main
+    from lightning_peft.cli.main import main
 
     config = {**TINY, "trainer": {**TINY["trainer"], "enable_checkpointing": True, "default_root_dir": str(tmp_path)}}
     config["trainer"]["callbacks"] = [
@@ -248,7 +248,7 @@ def test_schedulers_keep_the_rule_ratio_after_the_split(kind):
     from torch.optim import lr_scheduler as S
 
     from lightning_peft import get_plan, inject_adapters
-    from lightning_peft.optim_groups import apply_rule_settings
+    from lightning_peft.callbacks.optim_groups import apply_rule_settings
 
     model = CausalLMModule().model
     policy = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_peft.cli import main
+from lightning_peft.cli.main import main
 from lightning_peft.policy import LayerPolicy
 from lightning_peft.tasks import CausalLM
 

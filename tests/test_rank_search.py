@@ -9,7 +9,7 @@ import pytest
 from helpers import tiny_bert, tiny_gpt2, tiny_llama
 
 from lightning_peft import LayerPolicy
-from lightning_peft.rank_search import (
+from lightning_peft.experiments.rank_search import (
     RankSearchError,
     SearchSettings,
     rank_search,

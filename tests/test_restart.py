@@ -32,8 +32,8 @@ from lightning_peft import (
 )
 from lightning_peft.adapters.base import AdapterMethod, get_adapter_class, register_adapter
 from lightning_peft.adapters.mora import VARIANTS, restart_cycle
+from lightning_peft.callbacks.restart import jagged_cosine_lambda, reset_optimizer_state, restart_adapters
 from lightning_peft.diagnostics import read_table
-from lightning_peft.restart import jagged_cosine_lambda, reset_optimizer_state, restart_adapters
 
 LORA_R2 = {"rules": [{"method": "lora", "modules": ["*"], "depth": {"fraction": [0.0, 1.0]}, "hparams": {"r": 2}}]}
 
@@ -459,7 +459,7 @@ def test_restarts_count_optimizer_steps_under_gradient_accumulation(tmp_path):
 
 
 def test_cli_lr_scheduler_section_steps_a_jagged_schedule_every_step():
-    from lightning_peft.cli import lazy_configure_optimizers
+    from lightning_peft.experiments.peft_cli import lazy_configure_optimizers
 
     module = CausalLMModule()
     inject_adapters(module, LORA_R2)
@@ -474,7 +474,7 @@ def test_cli_lr_scheduler_section_steps_a_jagged_schedule_every_step():
 def test_sharded_strategies_are_refused(strategy):
     from types import SimpleNamespace
 
-    from lightning_peft.restart import check_companions
+    from lightning_peft.callbacks.restart import check_companions
 
     fake = SimpleNamespace(strategy=type(strategy, (), {})(), callbacks=[])
     with pytest.raises(RestartError, match=f"does not support {strategy} yet"):

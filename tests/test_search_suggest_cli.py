@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from lightning_peft import LayerPolicy
-from lightning_peft.cli import main
-from lightning_peft.compare import read_comparison
+from lightning_peft.cli.main import main
+from lightning_peft.experiments.compare import read_comparison
 
 TINY = {
     "seed_everything": 0,
@@ -93,7 +93,7 @@ def test_rank_search_bad_step_fails_before_any_run(tiny_config, tmp_path, capsys
 
 
 def _module():
-    from lightning_peft.experiment import build_model
+    from lightning_peft.experiments.runner import build_model
 
     return build_model(TINY)
 

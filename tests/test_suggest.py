@@ -11,7 +11,7 @@ from helpers import REPO, CausalLMModule, tiny_bert
 
 from lightning_peft import LayerPolicy
 from lightning_peft.diagnostics import direction_drift, magnitude_drift
-from lightning_peft.suggest import (
+from lightning_peft.experiments.suggest import (
     ModuleEvidence,
     SuggestError,
     SuggestSettings,

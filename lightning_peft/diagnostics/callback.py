@@ -33,10 +33,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..adapters.base import AdapterLinear, is_supported_layer
-from ..inject import get_plan
-from ..policy import normalise_name, pattern_matches
-from ..sharding import is_sharded, squared_norm, unsharded
+from lightning_peft.adapters.base import AdapterLinear, is_supported_layer
+from lightning_peft.core.inject import get_plan
+from lightning_peft.core.sharding import is_sharded, squared_norm, unsharded
+from lightning_peft.policy import normalise_name, pattern_matches
+
 from .metrics import acc_dtype
 from .report import METRICS, TABLE_FILE, Row, append_rows, draw_figures, read_table, summary_table
 from .spectra import UpdateProbe

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..adapters.base import accumulation_dtype as acc_dtype  # float64, float32 on MPS
+from lightning_peft.adapters.base import accumulation_dtype as acc_dtype  # float64, float32 on MPS
 
 EPS32 = torch.finfo(torch.float32).eps
 # An update this small relative to W0 is fp32 rounding (e.g. DoRA's m / ||V|| at init).

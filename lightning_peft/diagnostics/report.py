@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..adapters import diagnostic_names
+from lightning_peft.adapters import diagnostic_names
+
 from .metrics import CUMULATIVE_METRICS, DRIFT_METRICS, SPECTRAL_METRICS, drift_correlation
 
 TABLE_FILE = "update_diagnostics.csv"

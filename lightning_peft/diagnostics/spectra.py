@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..adapters.base import AdapterLinear
+from lightning_peft.adapters.base import AdapterLinear
+
 from .metrics import (
     CUMULATIVE_METRICS,
     DRIFT_METRICS,

@@ -90,7 +90,7 @@ def build_optimizer(
     """
     from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-    from ..restart import JaggedCosineLR
+    from lightning_peft.callbacks.restart import JaggedCosineLR
 
     params = list(params)
     if not params:

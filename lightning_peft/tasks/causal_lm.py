@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..restart import check_schedule_args
+from lightning_peft.callbacks.restart import check_schedule_args
+
 from ._common import LRSchedule, TaskModule, check_optim_args, from_pretrained, is_none_path, seeded
 from .metrics import CharAccuracy, ExactMatch
 from .uuid_data import UUID_LENGTH, CharTokenizer

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_peft import AdapterCallback
+from lightning_peft.core.sharding import full_state_dict
 from lightning_peft.diagnostics import UpdateDiagnostics
-from lightning_peft.sharding import full_state_dict
 
 STEPS = 3
 GLOBAL_BATCH = 8

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .inject import atomic_write
+from lightning_peft.core.io import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

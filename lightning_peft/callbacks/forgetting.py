@@ -39,6 +39,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_peft.tasks._common import resolve_pretrained_path, set_offline
+from lightning_peft.tasks.metrics import char_matches
+from lightning_peft.tasks.text_data import chunk_text
+from lightning_peft.tasks.uuid_data import UUID_LENGTH, make_uuid_pairs
+
 __all__ = [
     "FORGET_PREFIX",
     "EmbeddingDrift",
@@ -205,7 +210,6 @@ class UUIDRecall(PriorKnowledge):
         self.batch_size = batch_size
 
     def pairs(self, pl_module: pl.LightningModule) -> list[tuple[str, str]]:
-        from .tasks.uuid_data import make_uuid_pairs
 
         if self.num_pairs is not None:
             return make_uuid_pairs(self.num_pairs, self.seed or 0)
@@ -229,8 +233,6 @@ class UUIDRecall(PriorKnowledge):
             )
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        from .tasks.metrics import char_matches
-        from .tasks.uuid_data import UUID_LENGTH
 
         tokenizer = pl_module.tokenizer
         pairs = self.pairs(pl_module)
@@ -263,8 +265,6 @@ def held_out_texts(num_texts: int = 64, min_chars: int = 120, max_chars: int = 4
     """Chunks of Python standard-library module docstrings: English text outside the
     `PydocTopics` training set (the language-reference help topics), deterministic per Python version."""
     import importlib
-
-    from .tasks.text_data import chunk_text
 
     texts: list[str] = []
     for name in _STDLIB_DOC_MODULES:
@@ -337,8 +337,6 @@ class EmbeddingDrift(PriorKnowledge):
     def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
         if self.tokenizer_path is not None:
             from transformers import AutoTokenizer
-
-            from .tasks._common import resolve_pretrained_path, set_offline
 
             set_offline()
             return AutoTokenizer.from_pretrained(resolve_pretrained_path(self.tokenizer_path), local_files_only=True)

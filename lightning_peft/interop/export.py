@@ -34,10 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import AdapterLinear, get_adapter_class
-from .inject import find_adapters, get_plan, inject_adapters, load_adapter_state, model_restarts
-from .names import prefix_hint
-from .peft_format import (
+from lightning_peft.adapters.base import AdapterLinear, get_adapter_class, is_supported_layer, layer_shape
+from lightning_peft.callbacks.adapter import restore_from_checkpoint
+from lightning_peft.core.inject import find_adapters, get_plan, inject_adapters, load_adapter_state, model_restarts
+from lightning_peft.core.names import prefix_hint
+from lightning_peft.diagnostics.snapshot import write_snapshot
+from lightning_peft.interop.peft_format import (
     PEFT_TENSOR_NAMES,
     PEFT_TYPES,
     PeftFormatError,
@@ -45,10 +47,11 @@ from .peft_format import (
     adapter_config,
     group_layers,
     peft_state_dict,
+    read_peft_config,
     read_peft_layers,
     write_adapter,
 )
-from .policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
+from lightning_peft.policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
 
 MANIFEST_FILE = "lightning_peft_export.json"
 BASE_DIR = "base"
@@ -633,9 +636,6 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
     """
     import transformers
 
-    from .diagnostics.snapshot import write_snapshot
-    from .peft_format import read_peft_config
-
     config = read_peft_config(adapter)
     name = auto_class or AUTO_CLASSES.get(str(config.get("task_type")), "AutoModel")
     if not hasattr(transformers, name):
@@ -653,7 +653,6 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
 
 
 def _check_factor_shapes(name: str, x: PeftLayer, module: nn.Module) -> None:
-    from .adapters.base import is_supported_layer, layer_shape
 
     if not is_supported_layer(module):
         raise ExportError(f"module {name!r} is a {type(module).__name__}; LoRA layers wrap Linear/Conv1D")
@@ -695,7 +694,6 @@ def export_checkpoint(
     the checkpoint's stored plan is injected and its tensors loaded before exporting.
     `format` is `peft` (`options` as `export_peft`) or `merged` (`submodule`, `overwrite`).
     """
-    from .callback import restore_from_checkpoint
 
     if format not in ("peft", "merged"):
         raise ExportError(f"format must be 'peft' or 'merged', got {format!r}")

@@ -1,13 +1,4 @@
-"""The `lightning-peft` command: LightningCLI plus `plan` (dry run) and `report`.
-
-    lightning-peft plan   --config configs/uuid_hybrid.yaml   # which layer gets what; trains nothing
-    lightning-peft fit    --config configs/uuid_hybrid.yaml   # train, log diagnostics, plot
-    lightning-peft report runs/uuid_hybrid/version_0          # re-render a finished run's diagnostics
-    lightning-peft export --config RUN/config.yaml --ckpt_path CKPT --out DIR   # peft folder (or --format merged)
-    lightning-peft inspect PEFT_ADAPTER BASE_MODEL --out DIR  # diagnostics of a peft adapter trained elsewhere
-    lightning-peft compare --config comparison.yaml           # variants side by side (lightning_peft.compare)
-    lightning-peft compare rank-search --config search.yaml   # the LoRA article's rank search (rank_search)
-    lightning-peft suggest CONFIG --settings.budget N         # a per-layer policy from a pilot run (suggest)
+"""`PeftCLI`: LightningCLI with forced `adapters`/`diagnostics` sections and `plan`/`export` subcommands.
 
 `adapters:` (an `AdapterCallback`) and `diagnostics:` (an `UpdateDiagnostics`) are forced
 sections of every config, so one YAML describes model, data, policy and diagnostics.
@@ -20,12 +11,13 @@ Built on LightningCLI's public API only. Two defaults differ from a stock Lightn
   parameters that are trainable then, i.e. after `AdapterCallback.setup` injected the
   adapters. A stock LightningCLI builds it before `fit`, over the base weights alone, and
   would train nothing (`AdapterCallback` stops such a run).
+
+Experiments (compare, suggest, rank search) run configs through this class; the `lightning-peft`
+entry point (`lightning_peft.cli`) wires it to the command line.
 """
 
 from __future__ import annotations
 
-import pickle
-import sys
 from types import MethodType
 from typing import Any, Literal
 
@@ -34,17 +26,17 @@ from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .callback import AdapterCallback, print_plan
-from .checkpoint_io import AtomicCheckpointIO
-from .diagnostics import UpdateDiagnostics
-from .export import ExportError
-from .inject import AdapterStateError
-from .peft_format import PeftFormatError
-from .policy import LayerPolicy, PolicyError
-from .restart import JaggedCosineLR, RestartError
-from .schema import register_jsonargparse_loader
+from lightning_peft.callbacks.adapter import AdapterCallback, print_plan
+from lightning_peft.callbacks.checkpoint_io import AtomicCheckpointIO
+from lightning_peft.callbacks.restart import JaggedCosineLR
+from lightning_peft.diagnostics import UpdateDiagnostics
+from lightning_peft.interop.export import ExportError, export_checkpoint
+from lightning_peft.policy import LayerPolicy
+from lightning_peft.policy.schema import register_jsonargparse_loader
 
 OPTIMIZER_KEY = "optimizer"
+
+
 LR_SCHEDULER_KEY = "lr_scheduler"
 
 
@@ -132,7 +124,7 @@ class PeftCLI(LightningCLI):
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
-        # duplicate keys are errors (see `lightning_peft.schema`).
+        # duplicate keys are errors (see `lightning_peft.policy.schema`).
         kwargs.setdefault("parser_mode", register_jsonargparse_loader())
         # A `LayerPolicy` object (given in Python) is saved in config.yaml as its mapping, which reloads.
         register_type(LayerPolicy, serializer=LayerPolicy.to_dict, deserializer=_only_policy_objects)
@@ -180,8 +172,6 @@ class PeftCLI(LightningCLI):
     def export(self, model: pl.LightningModule, datamodule: Any = None, **options: Any) -> None:
         from rich import get_console
 
-        from .export import export_checkpoint
-
         if options.pop("weights_only") is False:
             raise ExportError("export reads checkpoints with weights_only=True only; --weights_only false is refused")
         fmt = options.pop("format")
@@ -213,84 +203,3 @@ class PeftCLI(LightningCLI):
         for key in sorted(metrics):
             table.add_row(key, f"{metrics[key]:.4f}")
         get_console().print(table)
-
-
-def report(log_dir: str) -> None:
-    """Re-render the per-layer diagnostics table and figures of a finished run.
-
-    Args:
-        log_dir: the run's log directory (holding `update_diagnostics.csv`).
-    """
-    from rich import get_console
-
-    from .diagnostics import render_report
-
-    get_console().print(render_report(log_dir))
-
-
-def inspect(
-    adapter: str, base: str, out: str = "peft_diagnostics", auto_class: str | None = None, plots: bool = True
-) -> None:
-    """Per-layer diagnostics of a peft LoRA/DoRA adapter trained elsewhere (update norms, ranks, DoRA drift).
-
-    Args:
-        adapter: the peft adapter folder (adapter_config.json + adapter_model.safetensors).
-        base: local folder of its base model (a transformers save_pretrained folder).
-        out: where update_diagnostics.csv and the figures go (`lightning-peft report OUT` re-renders them).
-        auto_class: transformers Auto class for the base (default: from the adapter's task_type).
-        plots: draw the PNG figures.
-    """
-    from rich import get_console
-
-    from .diagnostics import render_report
-    from .export import diagnose_peft
-
-    diagnose_peft(adapter, base, out, auto_class)
-    get_console().print(render_report(out, plots=plots))
-
-
-def main(args: list[str] | None = None) -> None:
-    """Console entry point (`lightning-peft`)."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in ("report", "inspect"):
-        from jsonargparse import auto_cli
-
-        try:
-            auto_cli(report if argv[0] == "report" else inspect, args=argv[1:])
-        except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # a missing or foreign folder
-            print(f"lightning-peft {argv[0]}: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        return
-    if argv[:2] == ["compare", "rank-search"]:  # the LoRA article's rank search, a mode of compare
-        from .rank_search import rank_search_main
-
-        sys.exit(rank_search_main(argv[2:]))
-    if argv and argv[0] == "suggest":
-        from .suggest import suggest_main
-
-        sys.exit(suggest_main(argv[1:]))
-    if argv and argv[0] == "compare":
-        from .compare import compare_main
-
-        sys.exit(compare_main(argv[1:]))
-    try:
-        PeftCLI(args=args)  # None: LightningCLI reads sys.argv itself
-    except (
-        PolicyError,
-        AdapterStateError,
-        ExportError,
-        PeftFormatError,
-        RestartError,
-    ) as err:  # a message, not a traceback
-        print(f"lightning-peft: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except pickle.UnpicklingError as err:  # LightningCLI reads --ckpt_path's hyper-parameters with weights_only=True
-        print(
-            f"lightning-peft: error: checkpoint refused by weights_only=True: {str(err).splitlines()[0]}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
+from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.experiments.runner import build_model, carried_rules, load_config
+from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
+
 # Named target sets; a widening step is one of these names or `{name: [globs]}`. The globs cover
 # Llama/Mistral (`q_proj`...), BERT (`attention.self.query`...) and GPT-2 (`c_attn`, fused q/k/v).
 WIDENING_STEPS: dict[str, list[str]] = {
@@ -177,7 +182,6 @@ def search_policy(settings: SearchSettings, rank: int, targets: TargetSet, keep:
     `keep`: rules of the base policy that are not part of the search (`none` carve-outs go first,
     `full` rules such as a new classification head go last), so every variant trains them alike.
     """
-    from .adapters.base import get_adapter_class, hyperparameter_names
 
     hparams = dict(settings.hparams, r=rank)
     if "alpha" in hyperparameter_names(get_adapter_class(settings.method)):
@@ -387,8 +391,6 @@ CHOSEN_POLICY = "chosen_policy.yaml"
 
 def block_layers(model: Any) -> list[str]:
     """Names of the adaptable layers inside the model's repeated blocks (what a target set may name)."""
-    from .adapters.base import is_supported_layer
-    from .policy import discover_blocks, normalise_name
 
     blocks_path, _ = discover_blocks(model)
     if blocks_path is None:
@@ -404,7 +406,6 @@ def check_targets(model: Any, settings: SearchSettings, keep: Sequence[dict]) ->
     match a layer of this model (so no variant carries dead patterns). Raises `RankSearchError`
     naming a set that matches no layer, or a policy that does not resolve.
     """
-    from .policy import LayerPolicy, PolicyError, pattern_matches
 
     layers = block_layers(model)
     for target in settings.targets:
@@ -439,9 +440,6 @@ def run_rank_search(
     Writes `rank_search.csv`, `rank_search.png`, `chosen_policy.yaml` and compare's own files.
     """
     import yaml
-
-    from .compare import Variant, run_comparison
-    from .experiment import build_model, carried_rules, load_config
 
     cfg = load_config(config)
     keep = carried_rules(cfg)
@@ -502,8 +500,6 @@ def rank_search_main(args: list[str]) -> int:
     import sys
 
     from jsonargparse import CLI
-
-    from .compare import CompareError
 
     try:
         CLI(rank_search_command, args=args)

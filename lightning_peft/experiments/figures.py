@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .compare import DEPTH_FILE, VariantRecord, _read_csv, read_curves
+from lightning_peft.experiments.records import DEPTH_FILE, VariantRecord, read_csv, read_curves
 
 __all__ = ["comparison_table", "default_metrics", "draw_comparison", "pareto_front"]
 
@@ -181,7 +181,7 @@ def draw_comparison(
         if forget_metric is not None:
             curves = read_curves(out_dir, [r.name for r in records])
             figures["learn_vs_forget"] = learn_vs_forget_figure(records, curves, metric, forget_metric)
-    depth_rows = _read_csv(out_dir / DEPTH_FILE)
+    depth_rows = read_csv(out_dir / DEPTH_FILE)
     if depth_rows:
         figures["depth_diagnostics"] = depth_figure(depth_rows)
     paths = {}

@@ -33,7 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters.base import get_adapter_class, hyperparameter_names
+from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
+from lightning_peft.diagnostics import TABLE_FILE, read_table
+from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.experiments.runner import build_model, carried_rules, load_config, run_fit
+from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
 
 TIERS = ("skip", "low", "high", "dora", "base")
 
@@ -284,8 +288,6 @@ def rule_modules(choice: RuleChoice, scope: Sequence[tuple[str, int | None]], bl
     """
     import re
 
-    from .policy import pattern_matches
-
     names = {d.evidence.name for d in choice.decisions}
     blocks = set(choice.blocks)
     hits = {name for name, block in scope if block in blocks and pattern_matches(choice.kind, name)}
@@ -366,7 +368,6 @@ def pilot_policy(settings: SuggestSettings, carried: Sequence[dict[str, Any]]) -
 
 def carried_params(model: Any, carried: Sequence[dict[str, Any]]) -> int:
     """Trainable parameters of the carried rules alone (they count against the budget)."""
-    from .policy import LayerPolicy
 
     if not any(r.get("method") == "full" for r in carried):
         return 0  # `none` rules carve out, they train nothing
@@ -375,8 +376,6 @@ def carried_params(model: Any, carried: Sequence[dict[str, Any]]) -> int:
 
 def pilot_candidates(model: Any, settings: SuggestSettings) -> list[str]:
     """Names of the Linear layers inside the repeated blocks that `pilot_modules` match."""
-    from .adapters.base import is_supported_layer
-    from .policy import discover_blocks, normalise_name, pattern_matches
 
     blocks_path, _ = discover_blocks(model)
     if blocks_path is None:
@@ -390,7 +389,6 @@ def pilot_candidates(model: Any, settings: SuggestSettings) -> list[str]:
 
 def check_before_pilot(model: Any, settings: SuggestSettings, carried: Sequence[dict[str, Any]]) -> Any:
     """The pilot's plan; `SuggestError` when it adapts nothing or no policy fits the budget."""
-    from .policy import LayerPolicy, PolicyError, discover_blocks
 
     if not pilot_candidates(model, settings):
         raise SuggestError(
@@ -474,8 +472,6 @@ def suggest_from_evidence(
     """Decide, allocate ranks under the budget, write the policy, and check it against the model's plan."""
     import yaml
 
-    from .policy import LayerPolicy, PolicyError, discover_blocks
-
     decisions = decide(evidence, settings)
     spare = settings.budget - carried_params(model, carried)
     rules = allocate(group_rules(decisions, settings), spare, settings.low_rank_fraction)
@@ -513,9 +509,6 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     import hashlib
 
     import yaml
-
-    from .diagnostics import TABLE_FILE, read_table
-    from .experiment import build_model, carried_rules, load_config, run_fit
 
     cfg = load_config(config)
     model = build_model(cfg)
@@ -590,7 +583,6 @@ def comparison_variants(
     result: SuggestResult, settings: SuggestSettings, carried: Sequence[dict[str, Any]], spare: int
 ) -> list[Any]:
     """The suggested policy and the uniform baselines (LoRA, DoRA, the high-rank method) at the same budget."""
-    from .compare import Variant
 
     evidence = [d.evidence for d in result.decisions]
     variants = [Variant("suggested", {"adapters.policy": str(result.policy_path)})]
@@ -641,8 +633,6 @@ def suggest_command(
     console.print(rules_table(result))
     console.print(f"policy written to {result.policy_path} (its comments give the evidence for every rule)")
     if compare:
-        from .compare import run_comparison
-
         spare = settings.budget - result.carried_params
         variants = comparison_variants(result, settings, result.carried, spare)
         run_comparison(base, variants, Path(out_dir) / "comparison", seed=seed)
@@ -654,8 +644,6 @@ def suggest_main(args: list[str]) -> int:
     import sys
 
     from jsonargparse import CLI
-
-    from .compare import CompareError
 
     try:
         CLI(suggest_command, args=args)

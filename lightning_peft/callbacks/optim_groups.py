@@ -38,8 +38,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_peft.adapters.base import AdapterLinear
+from lightning_peft.policy import normalise_name
+
 if TYPE_CHECKING:
-    from .policy import Plan
+    from lightning_peft.policy import Plan
 
 # Group keys that hold a learning rate, scaled together so a schedule keeps its shape.
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -49,85 +52,6 @@ SINGLE_GROUP_OPTIMIZERS = ("LBFGS",)  # optimizers that refuse more than one par
 
 class OptimizerRegroupError(RuntimeError):
     """The user's optimizer cannot carry a policy's per-rule settings; the message names rule and optimizer."""
-
-
-@dataclass
-class OptimSettings:
-    """Per-rule optimizer settings (all optional; set `lr` or `lr_scale`, not both).
-
-    Args:
-        lr: the rule's absolute base learning rate.
-        lr_scale: multiply the optimizer group's base learning rate by this.
-        weight_decay: replace the group's weight decay.
-        lora_plus_ratio: LoRA+ (arXiv 2402.12354): parameters with role `B` train at
-            `ratio` times the rule's rate. Only for methods that declare a `B` role.
-    """
-
-    lr: float | None = None
-    lr_scale: float | None = None
-    weight_decay: float | None = None
-    lora_plus_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        from .policy import PolicyError
-
-        for name in ("lr", "lr_scale", "weight_decay", "lora_plus_ratio"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            bad = isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-            if bad or value < 0 or (value == 0 and name != "weight_decay"):
-                kind = "a non-negative" if name == "weight_decay" else "a positive"
-                raise PolicyError(f"optim `{name}` must be {kind} finite number, got {value!r}")
-            setattr(self, name, float(value))
-        if self.lr is not None and self.lr_scale is not None:
-            raise PolicyError(f"optim sets both `lr` ({self.lr}) and `lr_scale` ({self.lr_scale}); choose one")
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
-    def describe(self) -> str:
-        """Short text for the plan table, e.g. `lr x4, wd 0, B x16`."""
-        parts = []
-        if self.lr is not None:
-            parts.append(f"lr {self.lr:g}")
-        if self.lr_scale is not None:
-            parts.append(f"lr x{self.lr_scale:g}")
-        if self.weight_decay is not None:
-            parts.append(f"wd {self.weight_decay:g}")
-        if self.lora_plus_ratio is not None:
-            parts.append(f"B x{self.lora_plus_ratio:g}")
-        return ", ".join(parts)
-
-
-def as_optim_settings(value: OptimSettings | dict[str, Any] | None) -> OptimSettings | None:
-    """`None`, a mapping or `OptimSettings` -> `OptimSettings` (an empty mapping is `None`)."""
-    from .policy import PolicyError, check_unknown_keys
-
-    if value is None or isinstance(value, OptimSettings):
-        return value
-    if not isinstance(value, dict):
-        raise PolicyError(f"`optim` must be a mapping of {sorted(vars(OptimSettings()))}, got {value!r}")
-    check_unknown_keys(value, OptimSettings, "optim")
-    return OptimSettings(**value) if value else None
-
-
-def check_rule_optim(method: str, optim: OptimSettings | None) -> None:
-    """Policy-time checks: settings on a rule that trains nothing, LoRA+ on a method without `B`."""
-    from .adapters.base import get_adapter_class
-    from .policy import PolicyError
-
-    if optim is None:
-        return
-    if method == "none":
-        raise PolicyError("method 'none' trains nothing, so its `optim` settings would be ignored")
-    if optim.lora_plus_ratio is not None:
-        roles = {} if method == "full" else get_adapter_class(method).parameter_roles
-        if "B" not in roles.values():
-            raise PolicyError(
-                f"`lora_plus_ratio` needs a method with a `B` factor; {method!r} declares roles "
-                f"{sorted(set(roles.values()))}"
-            )
 
 
 # -- which parameter belongs to which rule ---------------------------------------------------
@@ -158,9 +82,6 @@ class Assignment:
 
 def rule_assignments(model: nn.Module, plan: Plan, rule_names: Sequence[str] | None = None) -> dict[int, Assignment]:
     """`id(parameter) -> Assignment` for every trainable parameter of a plan row with optim settings."""
-    from .adapters.base import AdapterLinear
-    from .policy import normalise_name
-
     modules = {normalise_name(n): m for n, m in model.named_modules() if n}
     out: dict[int, Assignment] = {}
     for row in plan.rows:

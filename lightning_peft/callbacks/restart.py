@@ -35,9 +35,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters.base import AdapterLinear
-from .inject import AdapterStateError, find_adapters, model_restarts
-from .policy import normalise_name
+from lightning_peft.adapters.base import AdapterLinear
+from lightning_peft.callbacks.adapter import AdapterCallback
+from lightning_peft.core.inject import AdapterStateError, find_adapters, model_restarts
+from lightning_peft.diagnostics import UpdateDiagnostics
+from lightning_peft.policy import normalise_name
 
 OptimizerReset = Literal["reset", "prune"]
 
@@ -310,7 +312,6 @@ class MergeRestart(Callback):
 
     def _tracks(self, trainer: pl.Trainer) -> bool:
         """Keep the original weights only when asked and when `UpdateDiagnostics` will read them."""
-        from .diagnostics import UpdateDiagnostics
 
         return self.track_cumulative and any(isinstance(cb, UpdateDiagnostics) for cb in trainer.callbacks)
 
@@ -337,7 +338,6 @@ class MergeRestart(Callback):
 
 def check_companions(trainer: pl.Trainer) -> None:
     """Refuse other callbacks' settings that cannot work once base weights change during training."""
-    from .callback import AdapterCallback
 
     strategy = type(trainer.strategy).__name__
     if strategy in ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy"):

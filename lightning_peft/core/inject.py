@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
-import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adapters.base import AdapterLinear, get_adapter_class, layer_shape
-from .policy import LayerPolicy, Plan, normalise_name
-from .stored import (
+from lightning_peft.adapters.base import AdapterLinear, get_adapter_class, layer_shape
+from lightning_peft.core.io import atomic_write
+from lightning_peft.core.names import add_prefix, plan_prefix_hint, prefix_hint, strip_prefix, submodule_prefix
+from lightning_peft.core.stored import (
     ADAPTER_FILE,
     PLAN_FILE,
     PLAN_METADATA_KEY,
@@ -38,6 +35,7 @@ from .stored import (
     plans_differ,
     read_adapter_dir,
 )
+from lightning_peft.policy import LayerPolicy, Plan, normalise_name
 
 PLAN_ATTR = "_lightning_peft_plan"
 _FLAGS_ATTR = "_lightning_peft_requires_grad"
@@ -63,8 +61,6 @@ def _replace(model: nn.Module, raw_name: str, new: nn.Module) -> None:
 def _check_plan_fits(model: nn.Module, plan: Plan, modules: dict[str, tuple[str, nn.Module]]) -> None:
     for row in plan.rows:
         if row.name not in modules:
-            from .names import prefix_hint
-
             hint = prefix_hint(row.name, list(modules))
             raise AdapterStateError(f"Plan module {row.name!r} does not exist in {type(model).__name__}.{hint}")
         module = modules[row.name][1]
@@ -208,36 +204,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write via a temporary file in the same directory, fsync, then `os.replace`: never a torn file.
-
-    The rename is atomic because source and target share a directory (and so a filesystem).
-    The temporary file is created with mode 0666 minus the umask, as `open()` would create the
-    target itself (0644 under the usual umask 022), so readers of the result are not locked out.
-    """
-    tmp = _new_temp_file(path)
-    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0666 minus the umask, as created
-    try:
-        write(str(tmp))
-        os.chmod(tmp, mode)  # writers that replace the file (safetensors does) create it 0600
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _new_temp_file(path: Path) -> Path:
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
 def save_adapters(model: nn.Module, directory: str | Path, submodule: str | None = None) -> Path:
     """Write `adapters.safetensors` (tensors + plan in its header) and `plan.json` into `directory`.
 
@@ -248,8 +214,6 @@ def save_adapters(model: nn.Module, directory: str | Path, submodule: str | None
     that submodule, so the files load into the bare Hugging Face model.
     """
     from safetensors.torch import save_file
-
-    from .names import strip_prefix, submodule_prefix
 
     if any(layer.merged for _, layer in find_adapters(model)):
         raise AdapterStateError("Cannot save adapters of a merged model; call unmerge_adapters() first")
@@ -286,7 +250,6 @@ def load_adapters(model: nn.Module, directory: str | Path, submodule: str | None
     the bare Hugging Face model, loaded into the LightningModule holding it as `self.model`).
     Everything is validated first; on any error the model is left as it was.
     """
-    from .names import add_prefix, submodule_prefix
 
     plan, tensors = read_adapter_dir(directory)
     plan, tensors = add_prefix(plan, tensors, submodule_prefix(submodule))
@@ -295,8 +258,6 @@ def load_adapters(model: nn.Module, directory: str | Path, submodule: str | None
         raise AdapterStateError("Cannot load adapters into a merged model; call unmerge_adapters() first")
     existing = get_plan(model)
     if existing is not None and existing.fingerprint() != plan.fingerprint():
-        from .names import plan_prefix_hint
-
         hint = plan_prefix_hint(plan, existing)
         raise AdapterStateError(
             f"{source}: its plan differs from the model's ({_first_difference(existing, plan)}).{hint}"

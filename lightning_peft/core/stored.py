@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .policy import SPECIAL_METHODS, Plan, PlanRow, PolicyError, check_method_hparams
-from .schema import signature_types, type_error
+from lightning_peft.adapters.base import get_adapter_class
+from lightning_peft.policy import SPECIAL_METHODS, Plan, PlanRow, PolicyError, check_method_hparams
+from lightning_peft.policy.schema import signature_types, type_error
 
 ADAPTER_FILE = "adapters.safetensors"
 PLAN_FILE = "plan.json"
@@ -165,7 +166,6 @@ def expected_adapter_state(plan: Plan, source: str = "plan") -> dict[str, Tensor
     `full` rows are not listed: their tensors are the base module's own and are checked
     against the live model once it exists.
     """
-    from .adapters.base import get_adapter_class
 
     expected: dict[str, Tensor] = {}
     for i, row in enumerate(plan.rows):

@@ -13,7 +13,7 @@ a `CompareError` naming the variant. Each run logs to `<out_dir>/<name>/` (Tenso
 CSV loggers, diagnostics, `forgetting.csv`, checkpoints) and leaves a `record.json`; the
 records are gathered in `<out_dir>/comparison.csv` (the interchange format, see
 `read_comparison`), per-depth diagnostics in `comparison_depth.csv`, per-validation curves in
-`curves.csv`, plus a rich table and figures (`lightning_peft.compare_figures`).
+`curves.csv`, plus a rich table and figures (`lightning_peft.experiments.figures`).
 
 A re-run skips variants whose `record.json` says `ok` for the same base config, overrides and
 seed; a variant that fails is recorded with its error and the others still run.
@@ -22,7 +22,6 @@ seed; a variant that fails is recorded with its error and the others still run.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import math
@@ -32,13 +31,33 @@ import statistics
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from lightning_peft.core.io import atomic_write
+from lightning_peft.diagnostics import UpdateDiagnostics
+from lightning_peft.diagnostics.report import last_step, read_table
+from lightning_peft.experiments.figures import comparison_table, draw_comparison
+from lightning_peft.experiments.peft_cli import PeftCLI
+from lightning_peft.experiments.records import (
+    CURVES_FILE,
+    DEPTH_FILE,
+    RECORD_FILE,
+    Variant,
+    VariantRecord,
+    load_record,
+    read_comparison,
+    read_csv,
+    read_curves,
+    write_comparison,
+    write_csv,
+)
+from lightning_peft.policy import LayerPolicy, PolicyError
 
 __all__ = [
     "CompareError",
@@ -52,11 +71,6 @@ __all__ = [
     "validate_variants",
 ]
 
-COMPARISON_FILE = "comparison.csv"
-DEPTH_FILE = "comparison_depth.csv"
-CURVES_FILE = "curves.csv"
-RECORD_FILE = "record.json"
-RECORD_COLUMNS = ("name", "status", "error", "trainable_params", "step_time_median_s", "peak_memory_mb", "run_dir")
 SHORTHANDS = {"policy": "adapters.policy", "lr": "model.init_args.lr", "seed": "seed_everything"}
 VARIANT_KEYS = ("name", "overrides", "rank", *SHORTHANDS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
@@ -64,31 +78,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 class CompareError(ValueError):
     """A comparison that cannot run as given (raised before any variant trains)."""
-
-
-@dataclass
-class Variant:
-    """One run of a comparison: the base config plus dotted overrides (`{"adapters.policy": "lora_all"}`)."""
-
-    name: str
-    overrides: dict[str, Any]
-
-
-@dataclass
-class VariantRecord:
-    """What one variant's run produced (one row of `comparison.csv`)."""
-
-    name: str
-    status: str  # "ok" | "failed"
-    error: str | None
-    metrics: dict[str, float]  # final callback metrics, forget/* included
-    trainable_params: int
-    step_time_median_s: float
-    peak_memory_mb: float
-    run_dir: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    fingerprint: str = ""
-    wall_time_s: float = math.nan
 
 
 # -- variants ------------------------------------------------------------------------------------
@@ -162,7 +151,6 @@ def override_args(overrides: Mapping[str, Any]) -> list[str]:
 
 def _with_rank(policy: Any, rank: int, name: str) -> dict[str, Any]:
     """The policy with `r` set in every rule that has one, keeping each rule's `alpha / r`."""
-    from .policy import LayerPolicy, PolicyError
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise CompareError(f"variant {name!r}: rank must be a positive integer, got {rank!r}")
@@ -213,7 +201,6 @@ class SharedParser:
 
 
 def _parse_only_cli():
-    from .cli import PeftCLI
 
     class ParseOnlyCLI(PeftCLI):
         """Parses and validates a `fit` command line exactly as `fit` would, but builds and runs nothing."""
@@ -263,7 +250,6 @@ def _policy_value(config: Any) -> Any:
 
 
 def _check_policy(config: Any, name: str) -> None:
-    from .policy import LayerPolicy, PolicyError
 
     try:
         LayerPolicy.load(_policy_value(config))
@@ -394,7 +380,6 @@ class VariantRecorder(Callback):
 
 
 def _diagnostics_table(trainer: pl.Trainer) -> Path | None:
-    from .diagnostics import UpdateDiagnostics
 
     for cb in trainer.callbacks:
         if isinstance(cb, UpdateDiagnostics) and cb.table_path is not None and cb.table_path.is_file():
@@ -404,7 +389,6 @@ def _diagnostics_table(trainer: pl.Trainer) -> Path | None:
 
 def depth_summary(table: str | Path) -> list[dict[str, Any]]:
     """Per (method, block) at the last logged step: module count, mean rel. norm, effective rank, r90."""
-    from .diagnostics.report import last_step, read_table
 
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for row in last_step(read_table(table)):
@@ -448,8 +432,6 @@ def run_variant(
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .cli import PeftCLI
-
     out_dir = Path(out_dir)
     recorder = VariantRecorder()
     status, error, metrics, depth = "ok", None, {}, []
@@ -492,101 +474,19 @@ def fingerprint(config: str | Path, variant: Variant, seed: int | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _load_record(run_dir: Path) -> VariantRecord | None:
-    path = run_dir / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        return VariantRecord(**json.loads(path.read_text()))
-    except (ValueError, TypeError):
-        return None  # unreadable or from another version: run again
-
-
 def _float(value: float) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _save_run(run_dir: Path, record: VariantRecord, curves: list[dict], depth: list[dict]) -> None:
-    from .inject import atomic_write  # one crash-safe writer for the whole project
 
     run_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(record)
     data.update({k: _float(data[k]) for k in ("step_time_median_s", "peak_memory_mb", "wall_time_s")})
-    _write_csv(run_dir / CURVES_FILE, [{"variant": record.name, **c} for c in curves])
-    _write_csv(run_dir / "depth_summary.csv", [{"variant": record.name, **d} for d in depth])
+    write_csv(run_dir / CURVES_FILE, [{"variant": record.name, **c} for c in curves])
+    write_csv(run_dir / "depth_summary.csv", [{"variant": record.name, **d} for d in depth])
     text = json.dumps(data, indent=2, default=str)
     atomic_write(run_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
-    if columns is None:
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
-                             for k, v in row.items()})  # fmt: skip
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_comparison(out_dir: str | Path, records: Sequence[VariantRecord]) -> Path:
-    """`comparison.csv`: one row per variant, fixed columns then one column per metric."""
-    metric_names = sorted({k for r in records for k in r.metrics})
-    rows = []
-    for r in records:
-        row = {c: getattr(r, c) for c in RECORD_COLUMNS}
-        row.update(wall_time_s=r.wall_time_s, overrides=json.dumps(r.overrides, sort_keys=True, default=str))
-        row.update(r.metrics)
-        rows.append(row)
-    path = Path(out_dir) / COMPARISON_FILE
-    _write_csv(path, rows, [*RECORD_COLUMNS, "wall_time_s", "overrides", *metric_names])
-    return path
-
-
-def _number(text: str | None) -> float:
-    try:
-        return float(text) if text not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
-
-
-def read_comparison(out_dir: str | Path) -> list[VariantRecord]:
-    """The records of a comparison from its `comparison.csv` (a folder or the file itself)."""
-    path = Path(out_dir)
-    path = path / COMPARISON_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no {COMPARISON_FILE} at {str(path)!r}; run `lightning-peft compare` first")
-    fixed = {*RECORD_COLUMNS, "wall_time_s", "overrides"}
-    records = []
-    for row in _read_csv(path):
-        metrics = {k: _number(v) for k, v in row.items() if k not in fixed and v not in (None, "")}
-        records.append(VariantRecord(
-            name=row["name"], status=row["status"], error=row["error"] or None, metrics=metrics,
-            trainable_params=int(_number(row["trainable_params"]) or 0) if row["trainable_params"] else 0,
-            step_time_median_s=_number(row["step_time_median_s"]), peak_memory_mb=_number(row["peak_memory_mb"]),
-            run_dir=row["run_dir"], overrides=json.loads(row.get("overrides") or "{}"),
-            wall_time_s=_number(row.get("wall_time_s")),
-        ))  # fmt: skip
-    return records
-
-
-def read_curves(out_dir: str | Path, names: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]:
-    """Per-validation metrics of every variant: `{name: [{"step": s, metric: value, ...}, ...]}`."""
-    out: dict[str, list[dict[str, float]]] = {}
-    for run_dir in sorted(p for p in Path(out_dir).iterdir() if p.is_dir()):
-        if names is not None and run_dir.name not in names:
-            continue
-        rows = _read_csv(run_dir / CURVES_FILE)
-        if rows:
-            out[run_dir.name] = [{k: _number(v) for k, v in row.items() if k != "variant"} for row in rows]
-    return out
 
 
 MARKER_FILE = ".lightning-peft-variant"
@@ -610,8 +510,8 @@ def _summary_line(index: int, total: int, record: VariantRecord, skipped: bool =
 def _gather(out_dir: Path, records: Sequence[VariantRecord]) -> None:
     """Write `comparison.csv` and the all-variant `comparison_depth.csv` from the run folders."""
     write_comparison(out_dir, records)
-    depth = [row for r in records for row in _read_csv(Path(r.run_dir) / "depth_summary.csv")]
-    _write_csv(out_dir / DEPTH_FILE, depth, ["variant", "method", "block", "modules", "step", "rel_norm",
+    depth = [row for r in records for row in read_csv(Path(r.run_dir) / "depth_summary.csv")]
+    write_csv(out_dir / DEPTH_FILE, depth, ["variant", "method", "block", "modules", "step", "rel_norm",
                                              "effective_rank", "r90"])  # fmt: skip
 
 
@@ -622,7 +522,7 @@ def _plan_runs(
     plans = []
     for variant in variants:
         fp = fingerprint(config, variant, seed)
-        previous = _load_record(out_dir / variant.name)
+        previous = load_record(out_dir / variant.name)
         done = not rerun and previous is not None and previous.status == "ok" and previous.fingerprint == fp
         if not done:
             _check_run_dir(out_dir / variant.name)
@@ -698,8 +598,6 @@ def run_comparison(
         _gather(out_dir, records)
     _gather(out_dir, records)
     if table or figures:
-        from .compare_figures import comparison_table, draw_comparison
-
         if figures:
             draw_comparison(out_dir, records, metric=metric, forget_metric=forget_metric)
         if table:

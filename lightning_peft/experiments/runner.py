@@ -13,7 +13,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from .policy import LayerPolicy
+from lightning_peft.experiments.peft_cli import PeftCLI
+from lightning_peft.policy import LayerPolicy
 
 CARRIED_METHODS = ("none", "full")  # base-policy rules kept in every generated policy
 
@@ -63,7 +64,6 @@ def cli_args(config: str | Path, overrides: dict[str, Any], subcommand: str = "f
 
 def run_fit(config: str | Path, overrides: dict[str, Any]) -> pl.Trainer:
     """One `lightning-peft fit` run in this process; returns its trainer."""
-    from .cli import PeftCLI
 
     cli = PeftCLI(args=cli_args(config, overrides))
     return cli.trainer

@@ -42,7 +42,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.hooks import RemovableHandle
 
-from .inject import (
+from lightning_peft.callbacks.optim_groups import apply_rule_settings
+from lightning_peft.core.inject import (
     CHECKPOINT_KEY,
     AdapterStateError,
     base_weight_keys,
@@ -59,9 +60,8 @@ from .inject import (
     stored_restarts,
     trainable_state_keys,
 )
-from .optim_groups import apply_rule_settings
-from .policy import LayerPolicy, Plan, PolicyError
-from .stored import check_state, plan_from_stored, read_checkpoint
+from lightning_peft.core.stored import check_state, plan_from_stored, read_checkpoint
+from lightning_peft.policy import LayerPolicy, Plan, PolicyError
 
 
 def print_plan(plan: Plan) -> None:

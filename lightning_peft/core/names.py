@@ -12,7 +12,7 @@ import dataclasses
 
 from torch import Tensor
 
-from .policy import Plan, normalise_name
+from lightning_peft.policy import Plan, normalise_name
 
 
 def submodule_prefix(submodule: str | None) -> str:

@@ -1,0 +1,1 @@
+"""Run configs and compare them: `PeftCLI`, `compare`, its records and figures, the rank search and `suggest`."""

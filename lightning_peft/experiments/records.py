@@ -1,0 +1,137 @@
+"""What a comparison leaves on disk and how it is read back: variants, their records, the CSV files.
+
+`comparison.csv` is the interchange format (one row per variant: fixed columns, then one column
+per metric); `curves.csv` holds each variant's per-validation metrics. Figures, the rank search
+and `suggest` read these files through this module, never through `compare`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+COMPARISON_FILE = "comparison.csv"
+
+
+DEPTH_FILE = "comparison_depth.csv"
+
+
+CURVES_FILE = "curves.csv"
+
+
+RECORD_FILE = "record.json"
+
+
+RECORD_COLUMNS = ("name", "status", "error", "trainable_params", "step_time_median_s", "peak_memory_mb", "run_dir")
+
+
+@dataclass
+class Variant:
+    """One run of a comparison: the base config plus dotted overrides (`{"adapters.policy": "lora_all"}`)."""
+
+    name: str
+    overrides: dict[str, Any]
+
+
+@dataclass
+class VariantRecord:
+    """What one variant's run produced (one row of `comparison.csv`)."""
+
+    name: str
+    status: str  # "ok" | "failed"
+    error: str | None
+    metrics: dict[str, float]  # final callback metrics, forget/* included
+    trainable_params: int
+    step_time_median_s: float
+    peak_memory_mb: float
+    run_dir: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    wall_time_s: float = math.nan
+
+
+def load_record(run_dir: Path) -> VariantRecord | None:
+    path = run_dir / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        return VariantRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        return None  # unreadable or from another version: run again
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                             for k, v in row.items()})  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_comparison(out_dir: str | Path, records: Sequence[VariantRecord]) -> Path:
+    """`comparison.csv`: one row per variant, fixed columns then one column per metric."""
+    metric_names = sorted({k for r in records for k in r.metrics})
+    rows = []
+    for r in records:
+        row = {c: getattr(r, c) for c in RECORD_COLUMNS}
+        row.update(wall_time_s=r.wall_time_s, overrides=json.dumps(r.overrides, sort_keys=True, default=str))
+        row.update(r.metrics)
+        rows.append(row)
+    path = Path(out_dir) / COMPARISON_FILE
+    write_csv(path, rows, [*RECORD_COLUMNS, "wall_time_s", "overrides", *metric_names])
+    return path
+
+
+def parse_number(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_comparison(out_dir: str | Path) -> list[VariantRecord]:
+    """The records of a comparison from its `comparison.csv` (a folder or the file itself)."""
+    path = Path(out_dir)
+    path = path / COMPARISON_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no {COMPARISON_FILE} at {str(path)!r}; run `lightning-peft compare` first")
+    fixed = {*RECORD_COLUMNS, "wall_time_s", "overrides"}
+    records = []
+    for row in read_csv(path):
+        metrics = {k: parse_number(v) for k, v in row.items() if k not in fixed and v not in (None, "")}
+        records.append(VariantRecord(
+            name=row["name"], status=row["status"], error=row["error"] or None, metrics=metrics,
+            trainable_params=int(parse_number(row["trainable_params"]) or 0) if row["trainable_params"] else 0,
+            step_time_median_s=parse_number(row["step_time_median_s"]),
+            peak_memory_mb=parse_number(row["peak_memory_mb"]),
+            run_dir=row["run_dir"], overrides=json.loads(row.get("overrides") or "{}"),
+            wall_time_s=parse_number(row.get("wall_time_s")),
+        ))  # fmt: skip
+    return records
+
+
+def read_curves(out_dir: str | Path, names: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    """Per-validation metrics of every variant: `{name: [{"step": s, metric: value, ...}, ...]}`."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for run_dir in sorted(p for p in Path(out_dir).iterdir() if p.is_dir()):
+        if names is not None and run_dir.name not in names:
+            continue
+        rows = read_csv(run_dir / CURVES_FILE)
+        if rows:
+            out[run_dir.name] = [{k: parse_number(v) for k, v in row.items() if k != "variant"} for row in rows]
+    return out
