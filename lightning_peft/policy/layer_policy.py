@@ -61,6 +61,7 @@ from lightning_peft.policy.schema import ConfigInputError, load_yaml, read_yaml_
 MAX_ADAPTER_TO_LAYER_PARAMS = 4
 
 
+@dataclass
 class _Match:
     """A module some rule matches: `rules` lists every matching rule in order; the first decides."""
 
