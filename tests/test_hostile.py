@@ -39,7 +39,7 @@ from lightning_peft import (
     restore_from_checkpoint,
     save_adapters,
 )
-from lightning_peft.adapters.base import ADAPTERS, AdapterMethod, register_adapter
+from lightning_peft.adapters.base import AdapterMethod, register_adapter
 from lightning_peft.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_peft.cli.main import main
 from lightning_peft.policy.schema import MAX_NESTING
@@ -271,15 +271,12 @@ def test_a_new_method_gets_typed_checks_from_its_signature():
         def delta_weight(self, weight):
             return weight * (self.gain - 1)
 
-    register_adapter(Scaled)
-    try:
-        with pytest.raises(PolicyError, match=r"`gain` of scaled_test_only must be a finite number, got inf"):
-            Rule("scaled_test_only", hparams={"gain": math.inf})
-        with pytest.raises(PolicyError, match=r"`on` of scaled_test_only must be bool, got the string 'no'"):
-            Rule("scaled_test_only", hparams={"on": "no"})
-        assert Rule("scaled_test_only", hparams={"gain": 2, "on": False}).hparams == {"gain": 2, "on": False}
-    finally:
-        del ADAPTERS["scaled_test_only"]
+    register_adapter(Scaled)  # the registry is restored by conftest's fixture
+    with pytest.raises(PolicyError, match=r"`gain` of scaled_test_only must be a finite number, got inf"):
+        Rule("scaled_test_only", hparams={"gain": math.inf})
+    with pytest.raises(PolicyError, match=r"`on` of scaled_test_only must be bool, got the string 'no'"):
+        Rule("scaled_test_only", hparams={"on": "no"})
+    assert Rule("scaled_test_only", hparams={"gain": 2, "on": False}).hparams == {"gain": 2, "on": False}
 
 
 def test_rank_many_times_the_layer_is_an_error_larger_than_the_layer_a_warning():
