@@ -464,7 +464,7 @@ def test_property_a_crash_anywhere_in_save_leaves_the_old_or_the_new_adapters(tm
     old, new = OLD_NEW
     directory = tmp_path_factory.mktemp("save") / "adapters"
     _write_legacy_pair(old, directory) if legacy else save_adapters(old, directory)
-    import lightning_peft.core.inject as inject_module
+    import lightning_peft.core.io as io_module  # the one crash-safe writer
 
     calls = {"n": 0}
     real = {"replace": os.replace, "fsync": os.fsync, "open": os.open}
@@ -479,8 +479,8 @@ def test_property_a_crash_anywhere_in_save_leaves_the_old_or_the_new_adapters(tm
         return wrapped
 
     patches = {"replace": step("replace"), "fsync": step("fsync"), "open": step("open")}
-    saved = (inject_module.os.replace, inject_module.os.fsync, inject_module.os.open)
-    inject_module.os.replace, inject_module.os.fsync, inject_module.os.open = (
+    saved = (io_module.os.replace, io_module.os.fsync, io_module.os.open)
+    io_module.os.replace, io_module.os.fsync, io_module.os.open = (
         patches["replace"],
         patches["fsync"],
         patches["open"],
@@ -491,7 +491,7 @@ def test_property_a_crash_anywhere_in_save_leaves_the_old_or_the_new_adapters(tm
     except _Crash:
         crashed = True
     finally:
-        inject_module.os.replace, inject_module.os.fsync, inject_module.os.open = saved
+        io_module.os.replace, io_module.os.fsync, io_module.os.open = saved
     fresh = tiny_llama()
     plan = load_adapters(fresh, directory)
     expected = new if plan.fingerprint() == get_plan(new).fingerprint() else old
