@@ -352,12 +352,13 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     model = tiny_llama(0)
     inject_adapters(model, {"rules": [{"method": "lora", "modules": ["q_proj"], "hparams": {"r": 2}}]})
     target = tmp_path / "out"
-    target.mkdir()
+    export_peft(model, target)  # an earlier export: its manifest proves the folder is ours to replace
     (target / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in target.iterdir())
     for call in (lambda: export_peft(model, target), lambda: export_merged(model, target)):
         with pytest.raises(ExportError, match="not empty; pass overwrite=True"):
             call()
-    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in target.iterdir()) == before
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -365,7 +366,7 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     monkeypatch.setattr(export, "write_adapter", broken)
     with pytest.raises(OSError, match="disk full"):
         export_peft(model, target, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == before
     with pytest.raises(OSError, match="disk full"):
         export_peft(model, tmp_path / "new" / "deeper" / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the parent folders it made are gone too

@@ -23,10 +23,7 @@ import contextlib
 import copy
 import inspect
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +40,15 @@ from lightning_peft.adapters.base import (
     low_rank_target,
 )
 from lightning_peft.callbacks.adapter import restore_from_checkpoint
-from lightning_peft.core.inject import find_adapters, get_plan, inject_adapters, load_adapter_state, model_restarts
+from lightning_peft.core.inject import (
+    find_adapters,
+    get_plan,
+    inject_adapters,
+    load_adapter_state,
+    merge_adapters,
+    model_restarts,
+)
+from lightning_peft.core.io import UnsafeWriteError, check_replaceable, replace_dir_safely
 from lightning_peft.core.names import prefix_hint
 from lightning_peft.core.stored import AdapterStateError, check_state
 from lightning_peft.diagnostics.snapshot import write_snapshot
@@ -116,37 +121,20 @@ def _strip_prefix(rows: list[PlanRow], prefix: str) -> dict[str, PlanRow]:
 # -- staging: nothing half-written --------------------------------------------------------
 
 
-def check_target(target: str | Path, overwrite: bool) -> Path:
-    """Refuse a target that is a file, or a non-empty folder unless `overwrite`."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"Export target {str(target)!r} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(f"Export target {str(target)!r} exists and is not empty; pass overwrite=True (--overwrite)")
-    return target
+def check_target(target: str | Path, overwrite: bool, protected: Iterable[str | Path] = ()) -> Path:
+    """`core.io.check_replaceable` for an export folder (its manifest proves it is ours), as an `ExportError`."""
+    try:
+        return check_replaceable(target, MANIFEST_FILE, protected, overwrite)
+    except UnsafeWriteError as err:
+        raise ExportError(f"Export target: {err}") from None
 
 
 @contextlib.contextmanager
-def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to `target`; rename it into place only if the block succeeds."""
-    check_target(target, overwrite)
-    created = next((p for p in reversed(target.parents) if not p.exists()), None)  # outermost missing folder
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+def staged_folder(target: Path, overwrite: bool, protected: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """`core.io.replace_dir_safely` for an export folder, its refusals as `ExportError`s."""
+    check_target(target, overwrite, protected)
+    with replace_dir_safely(target, MANIFEST_FILE, protected, overwrite) as tmp:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-            if created is not None and not target.exists():  # a failed export leaves no new folders
-                shutil.rmtree(created, ignore_errors=True)
 
 
 # -- reports --------------------------------------------------------------------------------
@@ -277,6 +265,7 @@ def export_peft(
     probe: Tensor | dict[str, Tensor] | None = None,
     save_base: bool = False,
     overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
 ) -> ExportReport:
     """Write the model's adapters as HF peft adapter folder(s) (LoRA/DoRA, or HiRA); see the module docstring.
 
@@ -292,7 +281,8 @@ def export_peft(
         svd_rank / svd_energy: the `svd` route's rank, or the share of `||dW||_F^2` to keep.
         probe: inputs for the logit check of `svd` conversions (random token ids by default).
         save_base: also write the (unmodified) base model to `out/base/` (always done when folding).
-        overwrite: replace a non-empty `out`.
+        overwrite: replace `out` when an earlier export wrote it (its manifest proves it).
+        protected: paths `out` must not hold (the checkpoint being exported); see `core.io.check_replaceable`.
     """
     plan = _check_exportable(model)
     restarts = model_restarts(model)
@@ -307,7 +297,7 @@ def export_peft(
     _check_one_peft_type(rows, chosen)
     if (save_base or "fold" in chosen.values()) and not hasattr(hf, "save_pretrained"):
         raise ExportError(f"{type(hf).__name__} has no save_pretrained to write the base; pass submodule= naming it")
-    check_target(out, overwrite)
+    check_target(out, overwrite, protected)
     layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
     peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]
     report = ExportReport(path=str(out), format="peft", prefix=prefix)
@@ -322,7 +312,7 @@ def export_peft(
     if work is not None:
         unwrap(work, merge={n for n, r in chosen.items() if r == "fold"})
     base = work if save_base or "fold" in chosen.values() else None  # `svd` alone leaves the base as it was
-    with staged_folder(Path(out), overwrite) as tmp:
+    with staged_folder(Path(out), overwrite, protected) as tmp:
         _write_peft_folder(tmp, group_layers(peft_layers), hf, base, report)
     return report
 
@@ -544,11 +534,20 @@ def _swap_diff(work: nn.Module, raw: str, layer: nn.Module, new: nn.Module, prob
 # -- export merged ----------------------------------------------------------------------------
 
 
-def export_merged(model: nn.Module, out: str | Path, *, submodule: str | None = None, overwrite: bool = False) -> Path:
+def export_merged(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    submodule: str | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
+) -> Path:
     """Write a transformers `save_pretrained` folder of the merged model (no adapter wrappers).
 
     The merge and unwrap happen on a copy: `model` keeps its adapters, unmerged. A model
     whose adapters are already merged exports as is (its base weights hold the updates).
+    The merge is `merge_adapters`'s: every merged weight is checked finite in the base dtype
+    first (an fp16 overflow is refused, naming the layer), and nothing is written.
     """
     if get_plan(model) is None:
         raise ExportError(f"{type(model).__name__} carries no lightning-peft adapters (nothing to merge)")
@@ -556,13 +555,17 @@ def export_merged(model: nn.Module, out: str | Path, *, submodule: str | None = 
     _strip_prefix(get_plan(model).rows, prefix)
     if not hasattr(hf, "save_pretrained"):
         _save_pretrained(hf, Path(out))  # raises the named error
-    check_target(out, overwrite)
+    check_target(out, overwrite, protected)
     merged = copy.deepcopy(hf)
+    try:
+        merge_adapters(merged)
+    except AdapterStateError as err:
+        raise ExportError(f"{err}; nothing was written") from None
     for raw, layer in find_adapters(merged):
-        layer.merge()
         _set(merged, raw, layer.base)
-    with staged_folder(Path(out), overwrite) as tmp:
+    with staged_folder(Path(out), overwrite, protected) as tmp:
         _save_pretrained(merged, tmp)
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"format": "merged", "path": str(out)}, indent=1))
     return Path(out)
 
 
@@ -737,7 +740,8 @@ def export_checkpoint(
 
     if format not in ("peft", "merged"):
         raise ExportError(f"format must be 'peft' or 'merged', got {format!r}")
-    check_target(out, bool(options.get("overwrite", False)))
+    options["protected"] = [ckpt_path, *options.get("protected", ())]  # never write over the source
+    check_target(out, bool(options.get("overwrite", False)), options["protected"])
     restore_from_checkpoint(model, ckpt_path)  # weights_only=True; the stored plan and tensors are checked
     if format == "merged":
         return export_merged(model, out, **options)
