@@ -67,18 +67,18 @@ class PeftLayer:
 
 
 def hparam_suffix(items: Iterable[tuple[str, Any]]) -> str:
-    """`_rslora_dropout0.1`: `_<flag>` per true flag (`use_` dropped), `_<name><value>` per non-zero number."""
+    """`_rslora_dropout0p1`: `_<flag>` per true flag (`use_` dropped), `_<name><value>` per non-zero number."""
     out = ""
     for key, value in items:
         if isinstance(value, bool):
             out += f"_{key.removeprefix('use_')}" if value else ""
         elif value:
-            out += f"_{key}{value:g}"
+            out += f"_{key}{value:g}".replace(".", "p")  # peft adapter names are module names: no "."
     return out
 
 
 def group_name(layer: PeftLayer) -> str:
-    """A readable adapter name for one group, e.g. `dora`, `lora_rslora`, `lora_dropout0.1`, `hira_r8`.
+    """A readable adapter name for one group, e.g. `dora`, `lora_rslora`, `lora_dropout0p1`, `hira_r8`.
 
     A name inside the tuner's prefix (`lora` in `lora_`) gets `_adapter` appended: peft warns
     about such names and may re-initialise their weights.
