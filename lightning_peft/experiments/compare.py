@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_peft.core.io import atomic_write, check_replaceable
+from lightning_peft.core.io import UnsafeWriteError, atomic_write, check_replaceable
 from lightning_peft.diagnostics import UpdateDiagnostics
 from lightning_peft.diagnostics.report import last_step, read_table
 from lightning_peft.experiments.figures import comparison_table, draw_comparison
@@ -646,7 +646,7 @@ def compare_main(args: list[str]) -> int:
 
     try:
         records = CLI(compare, args=args)
-    except CompareError as err:
+    except (CompareError, UnsafeWriteError) as err:
         print(f"lightning-peft compare: error: {err}", file=sys.stderr)
         return 2
     failed = [r.name for r in records if r.status != "ok"]
