@@ -228,9 +228,9 @@ def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tu
         chosen[name] = route
     if stuck:
         raise ExportError(
-            f"peft's LoRA format cannot represent {len(stuck)} layer(s), e.g. {stuck[:4]}; choose a route per "
+            f"peft's format cannot represent {len(stuck)} layer(s), e.g. {stuck[:4]}; choose a route per "
             "method: routes={'<method>': 'fold'} writes them into the base weights saved beside the adapter, "
-            "'svd' converts them to LoRA (with svd_rank or svd_energy)"
+            f"'svd' converts them to {low_rank_target().label} (with svd_rank or svd_energy)"
         )
     if "svd" in chosen.values() and (svd[0] is None) == (svd[1] is None):
         raise ExportError("the 'svd' route needs exactly one of svd_rank (an int) or svd_energy (in (0, 1])")
@@ -269,9 +269,8 @@ def export_peft(
 ) -> ExportReport:
     """Write the model's adapters as HF peft adapter folder(s) (LoRA/DoRA, or HiRA); see the module docstring.
 
-    One flag set (use_dora, use_rslora, dropout, Conv1D) gives one adapter at `out` itself:
-    `PeftModel.from_pretrained(base, out)` loads it. Several give one subfolder each, loaded
-    and activated together by `load_peft_export(base, out)` (or the four lines in `out/README.md`).
+    One flag set (use_dora, use_rslora, dropout, Conv1D) gives one adapter at `out` itself; several give
+    one subfolder each, loaded together by `load_peft_export(base, out)` (or the lines in `out/README.md`).
 
     Args:
         model: a model with injected, unmerged adapters (left unchanged).
