@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import register_adapter
-from .lora import LowRankFactors
+from .lora import LowRankFactors, lora_peft_mapping
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
@@ -110,6 +110,8 @@ class DoRA(LowRankFactors):
     """
 
     method = "dora"
+    label = "DoRA"
+    peft = lora_peft_mapping(use_dora=True)  # `eps` has no peft field: exports carry the default's behaviour
     parameter_roles = {"lora_A": "A", "lora_B": "B", "magnitude": "magnitude"}
     diagnostic_names = ("dora_scale_norm", "dora_lowrank_norm")
 

@@ -181,6 +181,7 @@ class PeftCLI(LightningCLI):
             if extra or options["save_base"]:
                 raise ExportError(f"--format merged folds every adapter; {extra or ['save_base']} apply to peft only")
             options = {k: options[k] for k in ("submodule", "overwrite")}
+        options["protected"] = [str(p) for p in self.config[self.subcommand].get("config") or []]  # the run's config
         result = export_checkpoint(model, ckpt_path, out, format=fmt, **options)
         console = get_console()
         if fmt == "peft" and result.converted:
