@@ -34,6 +34,7 @@ from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .adapters.quantized import QuantizationError
 from .callback import AdapterCallback, print_plan
 from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics
@@ -43,6 +44,7 @@ from .peft_format import PeftFormatError
 from .policy import LayerPolicy, PolicyError
 from .restart import JaggedCosineLR, RestartError
 from .schema import register_jsonargparse_loader
+from .tasks.records import DataError
 
 OPTIMIZER_KEY = "optimizer"
 LR_SCHEDULER_KEY = "lr_scheduler"
@@ -281,6 +283,8 @@ def main(args: list[str] | None = None) -> None:
         ExportError,
         PeftFormatError,
         RestartError,
+        DataError,
+        QuantizationError,
     ) as err:  # a message, not a traceback
         print(f"lightning-peft: error: {err}", file=sys.stderr)
         sys.exit(2)

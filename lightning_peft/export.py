@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import AdapterLinear, get_adapter_class
+from .adapters.quantized import dequantize_model
 from .inject import find_adapters, get_plan, inject_adapters, load_adapter_state, model_restarts
 from .names import prefix_hint
 from .peft_format import (
@@ -517,7 +518,9 @@ def export_merged(model: nn.Module, out: str | Path, *, submodule: str | None = 
     """Write a transformers `save_pretrained` folder of the merged model (no adapter wrappers).
 
     The merge and unwrap happen on a copy: `model` keeps its adapters, unmerged. A model
-    whose adapters are already merged exports as is (its base weights hold the updates).
+    whose adapters are already merged exports as is (its base weights hold the updates). A
+    quantized (QLoRA) base is dequantized first, so the folder holds plain weights in the dtype
+    the base was loaded in (fp32 or bf16).
     """
     if get_plan(model) is None:
         raise ExportError(f"{type(model).__name__} carries no lightning-peft adapters (nothing to merge)")
@@ -528,8 +531,10 @@ def export_merged(model: nn.Module, out: str | Path, *, submodule: str | None = 
     check_target(out, overwrite)
     merged = copy.deepcopy(hf)
     for raw, layer in find_adapters(merged):
+        layer.dequantize_base()  # a QLoRA base: merge into its dequantized weight (fp32 or bf16)
         layer.merge()
         _set(merged, raw, layer.base)
+    dequantize_model(merged)  # quantized layers without adapters, and the config's quantization settings
     with staged_folder(Path(out), overwrite) as tmp:
         _save_pretrained(merged, tmp)
     return Path(out)
