@@ -19,17 +19,17 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from lightning_peft import AdapterCallback  # noqa: E402
-from lightning_peft.adapters.quantized import (  # noqa: E402
+from lightning_peft import AdapterCallback
+from lightning_peft.adapters.quantized import (
     QuantizationError,
     bnb_config,
     dequantized_weight,
     is_quantized,
     require_bitsandbytes,
 )
-from lightning_peft.diagnostics.snapshot import measure_adapters  # noqa: E402
-from lightning_peft.export import export_merged, export_peft  # noqa: E402
-from lightning_peft.inject import find_adapters, inject_adapters, merge_adapters  # noqa: E402
+from lightning_peft.diagnostics.snapshot import measure_adapters
+from lightning_peft.export import export_merged, export_peft
+from lightning_peft.inject import find_adapters, inject_adapters, merge_adapters
 
 RTOL, ATOL = 1e-5, 1e-6
 METHODS = {"lora": {"r": 4}, "dora": {"r": 4}, "mora": {"r": 4}, "hira": {"r": 4}}
@@ -178,7 +178,11 @@ def test_a_short_qlora_fit_lowers_the_loss(base_folder):
 
     callback = AdapterCallback(policy=policy("lora"))
     trainer = L.Trainer(
-        max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback, Record()]
+        max_steps=15,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback, Record()],
     )
     trainer.fit(model, train_dataloaders=loader)
     assert losses[-1] < 0.8 * losses[0], losses
