@@ -34,7 +34,7 @@ from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .adapters.quantized import QuantizationError
+from .adapters.quantized import QuantizationError, require_bitsandbytes
 from .callback import AdapterCallback, print_plan
 from .checkpoint_io import AtomicCheckpointIO
 from .diagnostics import UpdateDiagnostics
@@ -158,9 +158,18 @@ class PeftCLI(LightningCLI):
         """The instantiated config of the running subcommand."""
         return self.config_init.get(str(self.subcommand), self.config_init)
 
+    def before_instantiate_classes(self) -> None:
+        """A quantized base without bitsandbytes: one line naming the extra (jsonargparse would bury it)."""
+        section = self.config.get(str(self.subcommand), self.config)
+        quantization = section.get("model.init_args.quantization") if "model.init_args" in section else None
+        if quantization:
+            require_bitsandbytes(quantization)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except (DataError, QuantizationError):  # a file or an extra to fix: one line from `main`, no usage text
+            raise
         except ValueError as err:  # e.g. a PolicyError raised while building `adapters`
             self.parser.error(str(err))  # jsonargparse's usage + message, exit code 2, before any training
 

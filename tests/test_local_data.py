@@ -250,3 +250,59 @@ def test_cli_names_the_broken_line_in_one_message(tiny, tmp_path, monkeypatch, c
         main(["fit", "--config", "configs/sft_local.yaml", "--config", str(_override(tmp_path, tiny, data, 2))])
     assert exit_info.value.code == 2
     assert f"lightning-peft: error: {data} line 2: empty completion" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_qlora_fit_then_merged_export_matches_the_trained_model(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from lightning_peft import restore_from_checkpoint
+    from lightning_peft.cli import main
+
+    monkeypatch.chdir(REPO)
+    override = _override(tmp_path, tiny, tiny / "chat.jsonl", 4)
+    main(["fit", "--config", "configs/sft_qlora.yaml", "--config", str(override)])
+    ckpt, config = tmp_path / "ckpts" / "last.ckpt", tmp_path / "run" / "version_0" / "config.yaml"
+    main(
+        [
+            "export",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "merged"),
+            "--format",
+            "merged",
+        ]
+    )
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    trained = CausalLM(pretrained_path=str(tiny / "model"), quantization="nf4")
+    restore_from_checkpoint(trained, str(ckpt))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, trained.model(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_without_bitsandbytes_says_which_extra_in_one_line(tiny, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lightning_peft.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/sft_qlora.yaml",
+                "--config",
+                str(_override(tmp_path, tiny, tiny / "chat.jsonl", 2)),
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "lightning-peft: error: quantization='nf4' needs bitsandbytes: pip install -e \".[quant]\""
