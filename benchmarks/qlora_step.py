@@ -6,10 +6,12 @@
 Each variant runs in its own process (so peak memory is its own): a Llama built from a config and saved
 once, loaded in fp32 or quantized to nf4 (fp32 compute), LoRA r=16 on every block projection, AdamW on the
 adapters, `--warmup` untimed steps then `--steps` timed ones on a fixed random batch, `--repeats` rounds.
-Reported: the bytes of the base's weights as stored, the process's peak resident memory (CPU, `ru_maxrss`:
-it includes Python, torch and the libraries, about 0.5 GB before any model) or `max_memory_allocated`
-(CUDA), and the median step time with the range over rounds: CPU time of the process (`process_time`, the
-honest number on a shared machine: with one thread it is the compute) and wall time. Results: benchmarks/README.md.
+Reported: the bytes of the base's weights as stored; the process's peak resident memory (CPU,
+`ru_maxrss`: it includes Python, torch and the libraries, about 0.5 GB before any model, and the load:
+transformers reads the fp32 weights before quantizing them); the resident memory after the timed steps
+(`VmRSS`), or `max_memory_allocated` (CUDA); the median step time with the range over rounds, as CPU time
+of the process (`process_time`, the honest number on a shared machine: with one thread it is the
+compute) and as wall time. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -93,17 +95,21 @@ def run_variant(folder: Path, variant: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         rounds.append(((time.perf_counter() - start) / args.steps, (time.process_time() - cpu_start) / args.steps))
     if args.device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
+        peak = now = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; includes loading
+        now = resident_bytes()
     wall, cpu = zip(*rounds, strict=True)
-    return {
-        "variant": variant,
-        "stored_mb": stored_bytes(model) / 2**20,
-        "peak_mb": peak / 2**20,
-        "wall": wall,
-        "cpu": cpu,
-    }
+    sizes = {"stored_mb": stored_bytes(model) / 2**20, "peak_mb": peak / 2**20, "rss_mb": now / 2**20}
+    return {"variant": variant, **sizes, "wall": wall, "cpu": cpu}
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux `/proc/self/status`), after the timed steps."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,10 +144,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--one", variant, "--folder", tmp]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
-    print("| base | stored weights (MB) | peak memory (MB) | CPU s/step, median [min, max] | wall s/step, same |")
-    print("| --- | ---: | ---: | --- | --- |")
+    head = "| base | stored weights (MB) | peak memory (MB) | memory after training (MB) | CPU s/step | wall s/step |"
+    print(head + "\n| --- | ---: | ---: | ---: | --- | --- |")
     for r in results:
-        memory = f"{r['stored_mb']:.1f} | {r['peak_mb']:.0f}"
+        memory = f"{r['stored_mb']:.1f} | {r['peak_mb']:.0f} | {r['rss_mb']:.0f}"
         print(f"| {r['variant']} | {memory} | {_spread(r['cpu'])} | {_spread(r['wall'])} |")
 
 

@@ -45,7 +45,6 @@ class DataReport:
     val: int
     truncated: int = 0
     dropped: int = 0
-    tokens: int = 0
 
     def __str__(self) -> str:
         if self.kind == "text":
