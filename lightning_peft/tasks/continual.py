@@ -12,35 +12,24 @@ B (the usual `val_char_acc`), forgetting = accuracy lost on A (`ForgettingMonito
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._common import LRSchedule, seeded
+from .base_cache import BASE_RECORD, base_cache_key, cache_root, cached_base
 from .causal_lm import CausalLM, greedy_generate
 from .metrics import char_matches
 from .uuid_data import UUID_LENGTH, CharTokenizer, _lm_batch, make_uuid_pairs
 
 __all__ = ["UUIDContinualLM", "base_cache_key", "default_cache_dir", "memorise_uuid_base"]
 
-BASE_RECORD = "lightning_peft_base.json"
-
 
 def default_cache_dir() -> Path:
     """`$LIGHTNING_PEFT_CACHE` or `~/.cache/lightning-peft`, plus `/uuid-base`."""
-    root = os.environ.get("LIGHTNING_PEFT_CACHE") or Path.home() / ".cache" / "lightning-peft"
-    return Path(root) / "uuid-base"
-
-
-def base_cache_key(spec: dict[str, Any]) -> str:
-    """A short hash of everything that decides the base's weights (model config, set A, seed, steps)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root("uuid-base")
 
 
 def _recall(model: torch.nn.Module, pairs: list[tuple[str, str]], tokenizer: CharTokenizer) -> tuple[float, float]:
@@ -79,29 +68,15 @@ def memorise_uuid_base(
     """Train `model` (random init) to memorise set A and cache it; return the cached folder.
 
     `spec` holds `prior_pairs`, `prior_seed`, `prior_steps`, `prior_lr` and the model config;
-    its hash names the folder. A folder that is already there is reused (not retrained).
-    The folder is written to a temporary sibling and renamed, so a crash never leaves half a base.
+    its hash names the folder. A folder that is already there is reused (not retrained); see
+    `lightning_peft.tasks.base_cache` for the atomic write.
     """
-    folder = Path(cache_dir or default_cache_dir()).expanduser() / base_cache_key(spec)
-    if (folder / BASE_RECORD).is_file():
-        return folder
-    pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
-    if verbose:
-        print(f"lightning-peft: memorising UUID set A ({len(pairs)} pairs, <= {spec['prior_steps']} steps) -> {folder}")
-    result = _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        (tmp / BASE_RECORD).write_text(json.dumps({"spec": spec, "memorised": result}, indent=2))
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / BASE_RECORD).is_file():  # not a concurrent writer that won the race
-            raise
-    if verbose:
-        print(f"lightning-peft: UUID base memorised set A: {result}")
-    return folder
+
+    def build() -> tuple[torch.nn.Module, dict[str, Any]]:
+        pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
+        return model, {"memorised": _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])}
+
+    return cached_base(cache_dir or default_cache_dir(), spec, build, verbose=verbose)
 
 
 def _random_init_llama(arch: dict[str, Any], init_seed: int) -> torch.nn.Module:
