@@ -52,7 +52,9 @@ METHODS = {
     "mora_sharing": [_rule("mora", "mora", {"r": 8, "mora_type": "sharing"})],
     "mora_rope": [_rule("mora", "mora", {"r": 8, "mora_type": "rope"})],
     "hira": [_rule("hira", "hira", {"r": 8})],
-    "hybrid": [_rule("mora-outer", "mora", {"r": 8}, depth={"outer": 1}), _rule("dora-inner", "dora", R8, depth={"inner": 1})],
+    "hybrid": [
+        _rule("mora-outer", "mora", {"r": 8}, depth={"outer": 1}), _rule("dora-inner", "dora", R8, depth={"inner": 1})
+    ],
     "split": [_rule("mora-mlp", "mora", {"r": 8}, MLP), _rule("lora-attn", "lora", R8, ATTN)],
 }  # fmt: skip
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -108,7 +110,7 @@ def _interp_forget(run: list[dict], level: float, base_loss: float) -> float | N
     """Forgetting where the source loss first falls to `level` (linear between validations; the base
     model is the point (base_loss, 0)); `None` if the run never gets there."""
     points = [(base_loss, 0.0)] + [(c[LEARN], -c[FORGET]) for c in run]
-    for (l0, f0), (l1, f1) in zip(points, points[1:]):
+    for (l0, f0), (l1, f1) in zip(points, points[1:], strict=False):
         if l1 <= level <= l0 and l0 > l1:
             return f0 + (f1 - f0) * (l0 - level) / (l0 - l1)
     return None
@@ -156,7 +158,7 @@ def base_numbers() -> dict:
     from lightning_peft.tasks import ProseBaseLM, StdlibSource
 
     module = ProseBaseLM()
-    data = StdlibSource(seq_len=128, batch_size=8, val_fraction=0.2, max_val_windows=128)
+    data = StdlibSource(seq_len=128, batch_size=8, val_fraction=0.2, max_val_windows=48)
     data.setup()
     module.eval()
     with torch.no_grad():
@@ -179,10 +181,12 @@ def figure(summary: dict, base: dict, path: Path) -> None:
             mean = [start] + [r[key][0] for r in data["curve"]]
             sd = [0.0] + [r[key][1] for r in data["curve"]]
             ax.plot(steps, mean, color=color, marker=".", label=f"{m} (lr {data['lr']:g}, {data['seeds']} seeds)")
-            ax.fill_between(steps, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
-                            color=color, alpha=0.15)  # fmt: skip
-        ax_t.plot([0.0] + [r["forget"][0] for r in data["curve"]], [base["source_loss"]] + [r["learn"][0] for r in data["curve"]],
-                  color=color, marker=".", label=m)  # fmt: skip
+            low, high = [a - b for a, b in zip(mean, sd, strict=True)], [a + b for a, b in zip(mean, sd, strict=True)]
+            ax.fill_between(steps, low, high, color=color, alpha=0.15)
+        forget = [0.0] + [r["forget"][0] for r in data["curve"]]
+        ax_t.plot(
+            forget, [base["source_loss"]] + [r["learn"][0] for r in data["curve"]], color=color, marker=".", label=m
+        )
         lrs = sorted(data["sweep"], key=float)
         ax_s.plot([float(lr) for lr in lrs], [data["sweep"][lr] for lr in lrs], color=color, marker="o", label=m)
     ax_l.set(xlabel="step", ylabel="held-out source loss (nats/byte)", title="learning (mean ± sd over seeds)")

@@ -188,7 +188,13 @@ class ReferenceLoss(PriorKnowledge):
         else:
             self.texts, self.token_ids = read_reference_texts(texts, files, dataset, text_column), None
         self.tokenize, self.separator_id = tokenize, separator_id
-        self.seq_len, self.num_windows, self.seed, self.unit, self.batch_size = seq_len, num_windows, seed, unit, batch_size
+        self.seq_len, self.num_windows, self.seed, self.unit, self.batch_size = (
+            seq_len,
+            num_windows,
+            seed,
+            unit,
+            batch_size,
+        )
         self.windows: Tensor | None = None
         self.tokens_per_byte = 1.0
         self._resumed_fingerprint: str | None = None

@@ -12,11 +12,11 @@
 
 from .causal_lm import CausalLM, greedy_generate
 from .classification import SequenceClassification, mean_pool
-from .continual import UUIDContinualLM
+from .continual import UUIDContinualLM, UUIDRecall
 from .corpus_data import ByteCorpus, ByteTokenizer
 from .metrics import CharAccuracy, ExactMatch
 from .testbed import HeldOutProse, ProseBaseLM, StdlibSource
-from .text_data import TOPIC_GROUPS, PydocTopics
+from .text_data import TOPIC_GROUPS, HeldOutDocDrift, PydocTopics, held_out_texts
 from .uuid_data import UUID_LENGTH, CharTokenizer, UUIDMemorization, make_uuid_pairs
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "CharAccuracy",
     "CharTokenizer",
     "ExactMatch",
+    "HeldOutDocDrift",
     "HeldOutProse",
     "ProseBaseLM",
     "PydocTopics",
@@ -35,7 +36,9 @@ __all__ = [
     "StdlibSource",
     "UUIDContinualLM",
     "UUIDMemorization",
+    "UUIDRecall",
     "greedy_generate",
+    "held_out_texts",
     "make_uuid_pairs",
     "mean_pool",
 ]

@@ -16,15 +16,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
+from ..forgetting import PriorKnowledge
 from ._common import LRSchedule, seeded
 from .base_cache import BASE_RECORD, base_cache_key, cache_root, cached_base
 from .causal_lm import CausalLM, greedy_generate
 from .metrics import char_matches
 from .uuid_data import UUID_LENGTH, CharTokenizer, _lm_batch, make_uuid_pairs
 
-__all__ = ["UUIDContinualLM", "base_cache_key", "default_cache_dir", "memorise_uuid_base"]
+__all__ = ["UUIDContinualLM", "UUIDRecall", "base_cache_key", "default_cache_dir", "memorise_uuid_base"]
 
 
 def default_cache_dir() -> Path:
@@ -74,7 +76,9 @@ def memorise_uuid_base(
 
     def build() -> tuple[torch.nn.Module, dict[str, Any]]:
         pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
-        return model, {"memorised": _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])}
+        return model, {
+            "memorised": _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])
+        }
 
     return cached_base(cache_dir or default_cache_dir(), spec, build, verbose=verbose)
 
@@ -161,3 +165,61 @@ class UUIDContinualLM(CausalLM):
         )  # fmt: skip
         self.base_record: dict[str, Any] = json.loads((folder / BASE_RECORD).read_text())
         self.prior_pairs = make_uuid_pairs(prior_pairs, prior_seed)
+
+
+class UUIDRecall(PriorKnowledge):
+    """Greedy-generation accuracy on UUID key -> value pairs the base model memorised.
+
+    Args:
+        num_pairs: size of the memorised set (`None`: the module's `prior_pairs`, as set by
+            `UUIDContinualLM`, which knows which pairs its cached base memorised).
+        seed: seed of `make_uuid_pairs` for that set (with `num_pairs`).
+        batch_size: prompts generated per forward pass.
+
+    Metrics: `prior_char_acc` (correct value characters) and `prior_exact_match`.
+    """
+
+    def __init__(self, num_pairs: int | None = None, seed: int | None = None, batch_size: int = 64) -> None:
+        if (num_pairs is None) != (seed is None):
+            raise ValueError("UUIDRecall: give both `num_pairs` and `seed`, or neither (use the module's prior_pairs)")
+        if batch_size < 1:
+            raise ValueError(f"UUIDRecall: batch_size must be >= 1, got {batch_size}")
+        self.num_pairs = num_pairs
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def pairs(self, pl_module: pl.LightningModule) -> list[tuple[str, str]]:
+        if self.num_pairs is not None:
+            return make_uuid_pairs(self.num_pairs, self.seed or 0)
+        pairs = getattr(pl_module, "prior_pairs", None)
+        if not pairs:
+            raise ValueError(
+                f"UUIDRecall: {type(pl_module).__name__} has no `prior_pairs`; give num_pairs and seed of the "
+                "memorised set, or use UUIDContinualLM"
+            )
+        return list(pairs)
+
+    def capture(self, pl_module: pl.LightningModule) -> None:
+        datamodule = getattr(pl_module.trainer, "datamodule", None)
+        new_keys = {k for k, _ in getattr(datamodule, "pairs", [])}
+        overlap = new_keys & {k for k, _ in self.pairs(pl_module)}
+        if overlap:
+            raise ValueError(
+                f"UUIDRecall: {len(overlap)} keys of the prior set are also in the training data; "
+                "the prior and the new set must be disjoint (use another data seed)"
+            )
+
+    def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        tokenizer = pl_module.tokenizer
+        pairs = self.pairs(pl_module)
+        correct = exact = 0
+        device = pl_module.device
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            prompts = torch.tensor([tokenizer.encode(f"{k}:", add_bos=True) for k, _ in chunk], device=device)
+            generated = pl_module.generate(prompts, UUID_LENGTH)
+            for row, (_, value) in zip(generated.cpu(), chunk, strict=True):
+                text = tokenizer.decode(row, placeholder="?")
+                correct += char_matches(text, value)
+                exact += int(text == value)
+        return {"prior_char_acc": correct / (UUID_LENGTH * len(pairs)), "prior_exact_match": exact / len(pairs)}

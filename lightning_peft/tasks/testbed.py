@@ -37,8 +37,15 @@ from ..reference_probe import ReferenceLoss
 from ._common import LRSchedule, make_loader, seeded
 from .base_cache import BASE_RECORD, base_cache_key, cache_root, cached_base
 from .causal_lm import CausalLM
-from .corpus_data import DOCSTRING_MODULES, ByteTokenizer, _lm_collate, _Windows, corpus_documents, split_documents
-from .corpus_data import to_windows
+from .corpus_data import (
+    DOCSTRING_MODULES,
+    ByteTokenizer,
+    _lm_collate,
+    _Windows,
+    corpus_documents,
+    split_documents,
+    to_windows,
+)
 
 __all__ = ["HeldOutProse", "ProseBaseLM", "StdlibSource", "prose_split", "stdlib_source_files", "unigram_loss"]
 
@@ -64,7 +71,9 @@ def stdlib_source_files(stdlib: str | None = None) -> list[Path]:
     """Top-level standard-library `.py` files, sorted, without the modules whose docstrings are in the prose."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
     prose_modules = {name.split(".")[0] for name in DOCSTRING_MODULES}
-    files = sorted(p for p in root.glob("*.py") if p.stem not in prose_modules and p.stem not in ("this", "antigravity"))
+    files = sorted(
+        p for p in root.glob("*.py") if p.stem not in prose_modules and p.stem not in ("this", "antigravity")
+    )
     if len(files) < 2:
         raise FileNotFoundError(f"StdlibSource: fewer than 2 standard-library source files under {root}")
     return files
@@ -119,7 +128,10 @@ class StdlibSource(LightningDataModule):
         hp = self.hparams
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_source_files()]
         train_docs, val_docs = split_documents(docs, hp.val_fraction, hp.split_seed)
-        train, val = to_windows(train_docs, hp.seq_len, self.tokenizer), to_windows(val_docs, hp.seq_len, self.tokenizer)
+        train, val = (
+            to_windows(train_docs, hp.seq_len, self.tokenizer),
+            to_windows(val_docs, hp.seq_len, self.tokenizer),
+        )
         self.train_windows = train if hp.max_train_windows is None else train[: hp.max_train_windows]
         if hp.max_val_windows is not None and len(val) > hp.max_val_windows:  # an even spread over the held-out files
             val = val[torch.linspace(0, len(val) - 1, hp.max_val_windows).round().long()]
@@ -145,8 +157,10 @@ class HeldOutProse(ReferenceLoss):
     """
 
     def __init__(self, num_windows: int = 64, seq_len: int = 128, seed: int = 0, batch_size: int = 16) -> None:
-        super().__init__(texts=prose_split()[1], tokenize="bytes", separator_id=ByteTokenizer.eos_token_id,
-                         seq_len=seq_len, num_windows=num_windows, seed=seed, unit="byte", batch_size=batch_size)  # fmt: skip
+        super().__init__(
+            texts=prose_split()[1], tokenize="bytes", separator_id=ByteTokenizer.eos_token_id, seq_len=seq_len,
+            num_windows=num_windows, seed=seed, unit="byte", batch_size=batch_size,
+        )  # fmt: skip
 
 
 def _pretrain(model: torch.nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
@@ -179,10 +193,13 @@ def _pretrain(model: torch.nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
         held_out = [float(model(input_ids=b, labels=b).loss) for b in val.split(32)]
-    params = sum(p.numel() for p in model.parameters())
-    return {"built": {"steps": steps, "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
-                      "params": params, "final_train_loss": float(loss.detach()), "held_out_prose_loss": sum(held_out) / len(held_out),
-                      "held_out_windows": len(val), "unigram_prose_loss": unigram_loss(train_docs, val_docs)}}  # fmt: skip
+    built = {
+        "steps": steps, "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in model.parameters()), "final_train_loss": float(loss.detach()),
+        "held_out_prose_loss": sum(held_out) / len(held_out), "held_out_windows": len(val),
+        "unigram_prose_loss": unigram_loss(train_docs, val_docs),
+    }  # fmt: skip
+    return {"built": built}
 
 
 def _llama(arch: dict[str, Any], init_seed: int) -> torch.nn.Module:
@@ -245,9 +262,11 @@ class ProseBaseLM(CausalLM):
             raise ValueError(f"ProseBaseLM: need pretrain_steps >= 1, pretrain_lr > 0, pretrain_batch_size >= 1, "
                              f"pretrain_seq_len >= 2; got {pretrain_steps}, {pretrain_lr}, {pretrain_batch_size}, "
                              f"{pretrain_seq_len}")  # fmt: skip
-        arch = {"vocab_size": 256, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
-                "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
-                "num_key_value_heads": num_key_value_heads, "max_position_embeddings": max_position_embeddings}  # fmt: skip
+        arch = {
+            "vocab_size": 256, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
+            "num_key_value_heads": num_key_value_heads, "max_position_embeddings": max_position_embeddings,
+        }  # fmt: skip
         spec = {"arch": arch, "init_seed": init_seed, "steps": pretrain_steps, "lr": pretrain_lr,
                 "batch_size": pretrain_batch_size, "seq_len": pretrain_seq_len, "warmup_steps": pretrain_warmup_steps,
                 "seed": init_seed, "corpus": "ByteCorpus:both", "format": 1}  # fmt: skip
