@@ -22,6 +22,8 @@ from __future__ import annotations
 import inspect
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -136,6 +138,45 @@ class AdapterMethod(nn.Module, ABC):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- sizing for a parameter budget (searches, `suggest`) -------------------------------
+
+    @classmethod
+    def hparams_for_rank(cls, r: int) -> dict[str, Any] | None:
+        """The method's hyper-parameters at rank `r` when a tool sizes it; `None`: it has no rank.
+
+        Default: `{"r": r}` for a method that takes `r`. Methods with a scale tied to the rank
+        override this (LoRA and DoRA keep `alpha = 2r`, so every rank takes the same step size).
+        """
+        return {"r": r} if "r" in hyperparameter_names(cls) else None
+
+    @classmethod
+    def rank_for_budget(cls, shapes: Sequence[tuple[int, int]], budget: int) -> tuple[dict[str, Any], int] | None:
+        """The largest rank whose adapters on every `(in, out)` shape fit `budget`: `(hparams, parameters)`.
+
+        One rank for all shapes (one policy rule). The rank is also capped where an adapter would
+        outgrow its layer (then `full` is cheaper, and the policy warns). `None` when the method
+        has no rank or even rank 1 does not fit. Parameter counts grow with the rank: bisection.
+        """
+        if cls.hparams_for_rank(1) is None or not shapes:
+            return None
+        counts = Counter(shapes)
+
+        def cost(r: int) -> int | None:
+            hp = cls.hparams_for_rank(r)
+            each = {s: cls.count_parameters(s[0], s[1], **hp) for s in counts}
+            if any(n > s[0] * s[1] for s, n in each.items()):
+                return None
+            total = sum(n * counts[s] for s, n in each.items())
+            return total if total <= budget else None
+
+        if cost(1) is None:
+            return None
+        lo, hi = 1, max(min(s) for s in counts)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) is not None else (lo, mid - 1)
+        return cls.hparams_for_rank(lo), cost(lo)
 
     # -- math ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ and an `r x r` SVD, its row terms from `(out, r)` products (docs/methods.md).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,11 @@ class LowRankFactors(AdapterMethod):
         self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
         self.reset_parameters()
+
+    @classmethod
+    def hparams_for_rank(cls, r: int) -> dict[str, Any]:
+        """`alpha = 2r`: the scaling `alpha / r` stays 2 at every rank, so ranks differ in capacity, not step size."""
+        return {"r": r, "alpha": 2 * r}
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-uniform A (peft's default), zero B: the update starts at exactly zero."""
