@@ -77,6 +77,9 @@ class SearchSettings:
         lr_scale_range: log-uniform range of each group's learning-rate scale; equal ends fix it.
         pruner: `successive_halving`, `hyperband` or `none` (always `none` with two objectives).
         reduction_factor: the pruner's eta (a third of the trials survive each rung with 3).
+        prune_after: the first step at which a trial may be pruned (the pruner's `min_resource`;
+            `None`: Optuna's estimate from the first trial). Early validations of a short run are
+            noisy: pruning at the first one stops trials on little evidence.
         sampler: `tpe` or `nsga2` (two objectives) or `random`.
         seed: the trials' `seed_everything` and the sampler's seed.
         compare_seeds: seeds of `--compare true`; they must differ from `seed`.
@@ -102,6 +105,7 @@ class SearchSettings:
     lr_scale_range: tuple[float, float] = (0.5, 2.0)
     pruner: Literal["successive_halving", "hyperband", "none"] = "successive_halving"
     reduction_factor: int = 3
+    prune_after: int | None = None
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     seed: int = 0
     compare_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -114,8 +118,9 @@ class SearchSettings:
         for name in ("n_trials", "reduction_factor", "heartbeat_s"):
             if getattr(self, name) < 1:
                 raise SearchError(f"`search.{name}` must be >= 1, got {getattr(self, name)!r}")
-        if self.trial_steps is not None and self.trial_steps < 1:
-            raise SearchError(f"`search.trial_steps` must be >= 1, got {self.trial_steps!r}")
+        for name in ("trial_steps", "prune_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SearchError(f"`search.{name}` must be >= 1, got {getattr(self, name)!r}")
         if self.outer_blocks < 0:
             raise SearchError(f"`search.outer_blocks` must be >= 0, got {self.outer_blocks!r}")
         lo, hi = self.lr_scale_range
@@ -487,9 +492,10 @@ def make_pruner(settings: SearchSettings) -> Any:
     optuna = require_optuna()
     if settings.forget_metric is not None or settings.pruner == "none":
         return optuna.pruners.NopPruner()
+    eta = settings.reduction_factor
     if settings.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=settings.reduction_factor)
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource="auto", reduction_factor=settings.reduction_factor)
+        return optuna.pruners.HyperbandPruner(min_resource=settings.prune_after or 1, reduction_factor=eta)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=settings.prune_after or "auto", reduction_factor=eta)
 
 
 def storage_url(storage: str | None, out_dir: str | Path) -> str:
@@ -522,6 +528,11 @@ def open_study(
         raise SearchError(
             f"study {settings.study_name!r} in {url}: {err}; choose another --search.study_name"
         ) from None
+    if directions(study) != settings.directions:
+        raise SearchError(
+            f"study {settings.study_name!r} in {url} optimises {directions(study)}, not {settings.directions} "
+            "(one objective or two); choose another --search.study_name"
+        )
     if space_fingerprint is not None:
         stored = study.user_attrs.get("space")
         if stored is None:
@@ -642,8 +653,26 @@ def choose(study: Any) -> Choice:
     if chosen is None:
         raise SearchError("no trial of the search completed; see the trials table for the failures")
     uniform = pick([t for t in done if is_uniform(t)], directions(study))
-    other = pick([t for t in done if not is_uniform(t)], directions(study))
+    other = pick([t for t in done if not is_uniform(t)], directions(study)) or furthest_pruned(study)
     return Choice(chosen, uniform, other)
+
+
+def furthest_pruned(study: Any) -> Any | None:
+    """The non-uniform trial that got furthest before it was pruned, the best at that step (a rival to
+    re-run on held-out seeds when every per-layer policy was pruned)."""
+    from optuna.trial import TrialState
+
+    pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+              if t.intermediate_values and "policy" in t.user_attrs and not is_uniform(t)]  # fmt: skip
+    if not pruned:
+        return None
+    sign = 1 if directions(study)[0] == "maximize" else -1
+
+    def reach(t: Any) -> tuple[int, float]:
+        step = max(t.intermediate_values)
+        return step, sign * t.intermediate_values[step]
+
+    return max(pruned, key=reach)
 
 
 # -- training one trial ----------------------------------------------------------------------------

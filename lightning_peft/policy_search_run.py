@@ -165,6 +165,8 @@ def evidence(study: Any, settings: SearchSettings, choice: Choice) -> list[str]:
         f"chosen by {rule} (docs/suggest.md): {describe(choice.chosen, settings)}",
     ]
     lines += [f"  {g}" for g in choice.chosen.user_attrs.get("groups", [])]
+    if choice.uniform_wins and choice.best_other is not None and choice.best_other.values is None:
+        lines.append(f"every per-layer policy was pruned; the furthest: trial {choice.best_other.number}")
     if choice.chosen.user_attrs.get("label") == HEURISTIC:
         lines.append(f"  the heuristic's evidence per module: {HEURISTIC}/suggested_policy.yaml")
     if choice.best_uniform is not None:

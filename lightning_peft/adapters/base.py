@@ -19,6 +19,7 @@ count (plans). docs/methods.md lists the methods and walks through adding one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from abc import ABC, abstractmethod
@@ -163,8 +164,7 @@ class AdapterMethod(nn.Module, ABC):
         counts = Counter(shapes)
 
         def cost(r: int) -> int | None:
-            hp = cls.hparams_for_rank(r)
-            each = {s: cls.count_parameters(s[0], s[1], **hp) for s in counts}
+            each = {s: _count_at_rank(cls, s[0], s[1], r) for s in counts}
             if any(n > s[0] * s[1] for s, n in each.items()):
                 return None
             total = sum(n * counts[s] for s, n in each.items())
@@ -257,6 +257,12 @@ class AdapterMethod(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_at_rank(cls: type[AdapterMethod], in_features: int, out_features: int, r: int) -> int:
+    """`count_parameters` at `hparams_for_rank(r)`, remembered: a budget search asks for the same sizes often."""
+    return cls.count_parameters(in_features, out_features, **cls.hparams_for_rank(r))
 
 
 def diagnostic_names() -> tuple[str, ...]:
