@@ -158,6 +158,19 @@ def low_rank_target() -> type[AdapterMethod]:
     return targets[0]
 
 
+SUGGEST_ROLES = ("low_rank", "high_rank", "magnitude")
+
+
+def method_for_role(role: str) -> str:
+    """The first registered method that offers `role` to the heuristic `suggest` (`AdapterMethod.suggest_roles`)."""
+    if role not in SUGGEST_ROLES:
+        raise ValueError(f"unknown suggest role {role!r}; roles: {list(SUGGEST_ROLES)}")
+    for name, cls in ADAPTERS.items():
+        if role in cls.suggest_roles:
+            return name
+    raise ValueError(f"no registered method declares the suggest role {role!r}")
+
+
 def method_label(method: str) -> str:
     """A registered method's display label (`LoRA`); other names (`full`, `none`) as they are."""
     return ADAPTERS[method].label if method in ADAPTERS else method
@@ -188,6 +201,12 @@ class AdapterMethod(nn.Module, ABC):
     #: True for the one method whose update is exactly `B @ A` under `factor_hparams(r)`, with the
     #: factors in the parameters whose roles are `A` and `B`: export's `svd` route converts to it.
     low_rank_target: ClassVar[bool] = False
+    #: What the heuristic `suggest` may pick this method for (`SUGGEST_ROLES`): `low_rank` (the plain,
+    #: cheap default and the pilot), `high_rank` (rank-saturated modules), `magnitude` (updates led by
+    #: row-norm changes). Empty: the heuristic never picks it (the search still may).
+    suggest_roles: ClassVar[frozenset[str]] = frozenset()
+    #: The learning-rate scale tools write for this method's rules when nothing else is known.
+    default_lr_scale: ClassVar[float] = 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -141,6 +141,7 @@ class LoRA(LowRankFactors):
 
     method = "lora"
     label = "LoRA"
+    suggest_roles = frozenset({"low_rank"})
     peft = lora_peft_mapping(use_dora=False)
     low_rank_target = True
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
+from lightning_peft.adapters.base import get_adapter_class, is_supported_layer, method_for_role
 from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
 from lightning_peft.experiments.runner import build_model, carried_rules, load_config
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
@@ -120,7 +120,7 @@ class SearchSettings:
     plateau: float = 0.01
     cost_key: str = "trainable_params"
     cost_limit: float | None = None
-    method: str = "lora"
+    method: str = field(default_factory=lambda: method_for_role("low_rank"))
     alpha: float | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -183,9 +183,9 @@ def search_policy(settings: SearchSettings, rank: int, targets: TargetSet, keep:
     `full` rules such as a new classification head go last), so every variant trains them alike.
     """
 
-    hparams = dict(settings.hparams, r=rank)
-    if "alpha" in hyperparameter_names(get_adapter_class(settings.method)):
-        hparams.setdefault("alpha", settings.alpha if settings.alpha is not None else 2 * rank)
+    hparams = {**(get_adapter_class(settings.method).hparams_for_rank(rank) or {}), **settings.hparams, "r": rank}
+    if settings.alpha is not None and "alpha" in hparams and "alpha" not in settings.hparams:
+        hparams["alpha"] = settings.alpha  # the article's fixed alpha
     rule = {
         "name": f"{settings.method}-{targets.name}",
         "method": settings.method,
