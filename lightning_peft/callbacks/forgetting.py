@@ -203,8 +203,14 @@ class UUIDRecall(PriorKnowledge):
     def __init__(self, num_pairs: int | None = None, seed: int | None = None, batch_size: int = 64) -> None:
         if (num_pairs is None) != (seed is None):
             raise ValueError("UUIDRecall: give both `num_pairs` and `seed`, or neither (use the module's prior_pairs)")
-        if batch_size < 1:
-            raise ValueError(f"UUIDRecall: batch_size must be >= 1, got {batch_size}")
+        if num_pairs is not None and not _is_positive_int(num_pairs):
+            raise ValueError(
+                f"UUIDRecall: num_pairs must be a positive integer (a probe needs items), got {num_pairs!r}"
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"UUIDRecall: seed must be an integer, got {seed!r}")
+        if not _is_positive_int(batch_size):
+            raise ValueError(f"UUIDRecall: batch_size must be a positive integer, got {batch_size!r}")
         self.num_pairs = num_pairs
         self.seed = seed
         self.batch_size = batch_size
@@ -261,10 +267,44 @@ _STDLIB_DOC_MODULES = (
 )  # fmt: skip
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+MIN_PROBE_TEXTS = 3  # a rank correlation of pairwise similarities needs at least three texts
+
+
+def check_probe_texts(texts: Any) -> None:
+    """Refuse probe texts that cannot measure drift: fewer than three, empty, or repeated.
+
+    A repeated text has a similarity of exactly 1 to its copy under every model, and identical
+    texts leave the rank correlation undefined (a meaningless baseline); each text must differ.
+    """
+    if isinstance(texts, str) or not isinstance(texts, list | tuple):
+        raise ValueError(f"EmbeddingDrift: texts must be a list of strings, got {type(texts).__name__}")
+    if len(texts) < MIN_PROBE_TEXTS:
+        raise ValueError(f"EmbeddingDrift: need at least {MIN_PROBE_TEXTS} texts, got {len(texts)}")
+    seen: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"EmbeddingDrift: text {i} must be a non-empty string, got {text!r}")
+        key = " ".join(text.split())
+        if key in seen:
+            raise ValueError(
+                f"EmbeddingDrift: texts {seen[key]} and {i} are the same text ({text[:40]!r}); each must differ"
+            )
+        seen[key] = i
+
+
 def held_out_texts(num_texts: int = 64, min_chars: int = 120, max_chars: int = 400) -> list[str]:
     """Chunks of Python standard-library module docstrings: English text outside the
     `PydocTopics` training set (the language-reference help topics), deterministic per Python version."""
     import importlib
+
+    if not _is_positive_int(num_texts) or num_texts < MIN_PROBE_TEXTS:
+        raise ValueError(f"held_out_texts: num_texts must be an integer >= {MIN_PROBE_TEXTS}, got {num_texts!r}")
+    if not (_is_positive_int(min_chars) and _is_positive_int(max_chars) and min_chars <= max_chars):
+        raise ValueError(f"held_out_texts: need 1 <= min_chars <= max_chars, got {min_chars!r}, {max_chars!r}")
 
     texts: list[str] = []
     for name in _STDLIB_DOC_MODULES:
@@ -276,8 +316,8 @@ def held_out_texts(num_texts: int = 64, min_chars: int = 120, max_chars: int = 4
         texts.extend(chunk_text(paragraphs, min_chars, max_chars)[:2])
         if len(texts) >= num_texts:
             return texts[:num_texts]
-    if len(texts) < 2:
-        raise RuntimeError("held_out_texts: fewer than 2 standard-library docstrings found")
+    if len(texts) < MIN_PROBE_TEXTS:
+        raise RuntimeError(f"held_out_texts: fewer than {MIN_PROBE_TEXTS} standard-library docstrings found")
     return texts
 
 
@@ -296,6 +336,11 @@ def drift_metrics(reference: Tensor, current: Tensor) -> dict[str, float]:
     ref, cur = reference.double(), current.double()
     rows, cols = torch.triu_indices(ref.shape[0], ref.shape[0], offset=1)
     sim_ref = pairwise_cosine_similarity(ref)[rows, cols]
+    if bool((sim_ref == sim_ref[0]).all()):
+        raise ValueError(
+            "the reference embeddings' pairwise similarities are all equal (the texts embed identically: the same "
+            "text, or texts cut to the same tokens by max_length); their rank correlation is undefined"
+        )
     sim_cur = pairwise_cosine_similarity(cur)[rows, cols]
     return {
         "embed_spearman": float(spearman_corrcoef(sim_cur, sim_ref)),
@@ -326,8 +371,11 @@ class EmbeddingDrift(PriorKnowledge):
         max_length: int = 128,
         batch_size: int = 32,
     ) -> None:
-        if texts is not None and len(texts) < 3:
-            raise ValueError(f"EmbeddingDrift: need at least 3 texts, got {len(texts)}")
+        for name, value in (("num_texts", num_texts), ("max_length", max_length), ("batch_size", batch_size)):
+            if not _is_positive_int(value):
+                raise ValueError(f"EmbeddingDrift: {name} must be a positive integer, got {value!r}")
+        if texts is not None:
+            check_probe_texts(texts)
         self.texts = list(texts) if texts is not None else held_out_texts(num_texts)
         self.tokenizer_path = tokenizer_path
         self.max_length = max_length
