@@ -16,7 +16,8 @@ records are gathered in `<out_dir>/comparison.csv` (the interchange format, see
 `curves.csv`, plus a rich table and figures (`lightning_peft.experiments.figures`).
 
 A re-run skips variants whose `record.json` says `ok` for the same base config, overrides and
-seed; a variant that fails is recorded with its error and the others still run.
+seed, and the same contents of every file or preset they name (`experiments.fingerprint`); a
+variant that fails is recorded with its error and the others still run.
 """
 
 from __future__ import annotations
