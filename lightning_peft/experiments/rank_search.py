@@ -438,7 +438,7 @@ def check_targets(model: Any, settings: SearchSettings, keep: Sequence[dict]) ->
                 .trainable_params
             )
         except PolicyError as err:
-            raise RankSearchError(str(err)) from None
+            raise RankSearchError(f"widening step {target.name!r} at rank {rank}: {err}") from None
 
     for target in settings.targets:  # every rank on every set resolves: no step fails after the sweep trained
         for rank in settings.ranks:
