@@ -46,6 +46,7 @@ from lightning_peft.experiments.suggest import (
     SuggestError,
     SuggestSettings,
     check_before_pilot,
+    comparison_variants,
     pilot_policy,
     suggest,
     suggest_from_evidence,
@@ -236,14 +237,16 @@ def test_suggest_refuses_a_huge_budget_before_training_or_writing(tmp_path, monk
 def test_no_suggested_adapter_outgrows_its_layer_under_a_budget_just_below_it(tmp_path):
     """Low-rank rules leave spare budget; without a cap the others grew past their layers' size."""
     model = CausalLMModule()
+    settings = SuggestSettings(budget=layer_weights(model) - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the policy's own "method 'full' would be cheaper" warning
-        result = suggest_from_evidence(
-            evidence_for(model), model, SuggestSettings(budget=layer_weights(model) - 1), tmp_path / "p.yaml"
-        )
-        plan = LayerPolicy.from_yaml(result.policy_path).resolve(model)
-    assert plan.rows and all(r.params <= r.in_features * r.out_features for r in plan.rows)
-    assert plan.trainable_params == result.trainable_params < layer_weights(model)
+        result = suggest_from_evidence(evidence_for(model), model, settings, tmp_path / "p.yaml")
+        plans = [LayerPolicy.from_yaml(result.policy_path).resolve(model)]
+        baselines = comparison_variants(result, settings, [], settings.budget)[1:]  # uniform LoRA, DoRA, MoRA
+        plans += [LayerPolicy.load(v.overrides["adapters.policy"]).resolve(model) for v in baselines]
+    assert len(plans) == 4 and all(plan.rows for plan in plans)
+    assert all(r.params <= r.in_features * r.out_features for plan in plans for r in plan.rows)
+    assert plans[0].trainable_params == result.trainable_params < layer_weights(model)
 
 
 @pytest.mark.parametrize(

@@ -597,7 +597,8 @@ def uniform_policy(method: str, rank: int, settings: SuggestSettings, carried: S
 
 
 def uniform_rank(method: str, evidence: Sequence[ModuleEvidence], budget: int) -> int:
-    """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit)."""
+    """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit),
+    and at most the rank where an adapter reaches its layer's size."""
     cls = get_adapter_class(method)
     alpha = "alpha" in hyperparameter_names(cls)
 
@@ -605,7 +606,7 @@ def uniform_rank(method: str, evidence: Sequence[ModuleEvidence], budget: int) -
         hp = {"r": r, "alpha": 2 * r} if alpha else {"r": r}
         return sum(cls.count_parameters(e.in_features, e.out_features, **hp) for e in evidence)
 
-    lo, hi = 0, max(min(e.in_features, e.out_features) for e in evidence)
+    lo, hi = 0, min(rank_within_layer(cls, e.in_features, e.out_features) for e in evidence)  # none outgrows its layer
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
