@@ -32,7 +32,7 @@ import lightning_peft.experiments.compare as compare_module
 import lightning_peft.experiments.rank_search as rank_search_module
 import lightning_peft.experiments.suggest as suggest_module
 from lightning_peft import AdapterCallback, LayerPolicy, restore_from_checkpoint
-from lightning_peft.callbacks.forgetting import EmbeddingDrift, UUIDRecall, drift_metrics, held_out_texts
+from lightning_peft.callbacks.forgetting import EmbeddingDrift, drift_metrics
 from lightning_peft.callbacks.optim_groups import GROUP_TAG
 from lightning_peft.callbacks.restart import JaggedCosineLR, MergeRestart, RestartError
 from lightning_peft.core.stored import AdapterStateError
@@ -52,7 +52,7 @@ from lightning_peft.experiments.suggest import (
     suggest_from_evidence,
     suggest_main,
 )
-from lightning_peft.tasks import make_uuid_pairs
+from lightning_peft.tasks import HeldOutDocDrift, UUIDRecall, held_out_texts, make_uuid_pairs
 
 TINY_MODEL = {
     "class_path": "lightning_peft.tasks.CausalLM",
@@ -249,10 +249,13 @@ def test_no_suggested_adapter_outgrows_its_layer_under_a_budget_just_below_it(tm
     assert plans[0].trainable_params == result.trainable_params < layer_weights(model)
 
 
+THREE = ["one text", "another text", "a third text"]
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: UUIDRecall(num_pairs=0, seed=0), "UUIDRecall: num_pairs must be a positive integer.*got 0"),
+        (lambda: UUIDRecall(num_pairs=0, seed=0), "UUIDRecall: num_pairs must be a positive integer, got 0"),
         (lambda: UUIDRecall(num_pairs=-3, seed=0), "num_pairs must be a positive integer"),
         (lambda: UUIDRecall(num_pairs=2.0, seed=0), "num_pairs must be a positive integer"),
         (lambda: UUIDRecall(num_pairs=2, seed="a"), "UUIDRecall: seed must be an integer"),
@@ -263,9 +266,9 @@ def test_no_suggested_adapter_outgrows_its_layer_under_a_budget_just_below_it(tm
         (lambda: EmbeddingDrift(texts=["a", "b"]), "need at least 3 texts, got 2"),
         (lambda: EmbeddingDrift(texts=[]), "need at least 3 texts, got 0"),
         (lambda: EmbeddingDrift(texts="one long text"), "texts must be a list of strings"),
-        (lambda: EmbeddingDrift(num_texts=0), "EmbeddingDrift: num_texts must be a positive integer"),
-        (lambda: EmbeddingDrift(max_length=0), "EmbeddingDrift: max_length must be a positive integer"),
-        (lambda: EmbeddingDrift(batch_size=-1), "EmbeddingDrift: batch_size must be a positive integer"),
+        (lambda: EmbeddingDrift(THREE, max_length=0), "EmbeddingDrift: max_length must be a positive integer"),
+        (lambda: EmbeddingDrift(THREE, batch_size=-1), "EmbeddingDrift: batch_size must be a positive integer"),
+        (lambda: HeldOutDocDrift(num_texts=0), "held_out_texts: num_texts must be an integer >= 3"),
         (lambda: held_out_texts(2), "held_out_texts: num_texts must be an integer >= 3"),
         (lambda: held_out_texts(8, min_chars=50, max_chars=10), "need 1 <= min_chars <= max_chars"),
         (lambda: make_uuid_pairs(0), "make_uuid_pairs: num_pairs must be a positive integer, got 0"),

@@ -38,7 +38,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_peft.core.io import atomic_write
+from lightning_peft.core.io import UnsafeWriteError, atomic_write, check_replaceable
 from lightning_peft.diagnostics import UpdateDiagnostics
 from lightning_peft.diagnostics.report import last_step, read_table
 from lightning_peft.experiments.errors import CompareError
@@ -47,6 +47,8 @@ from lightning_peft.experiments.fingerprint import fingerprint as config_fingerp
 from lightning_peft.experiments.names import check_variant_names
 from lightning_peft.experiments.peft_cli import PeftCLI
 from lightning_peft.experiments.records import (
+    COMPARISON_FILE,
+    COMPARISON_MARKER,
     CURVES_FILE,
     DEPTH_FILE,
     RECORD_FILE,
@@ -510,6 +512,7 @@ def _plan_runs(
     config: str | Path, variants: Sequence[Variant], out_dir: Path, seed: int | None, rerun: bool
 ) -> list[tuple[Variant, str, VariantRecord | None]]:
     """(variant, fingerprint, finished record or None) per variant; refuses folders compare did not write."""
+    check_replaceable(out_dir / COMPARISON_FILE, COMPARISON_MARKER)  # before anything trains
     plans = []
     for variant in variants:
         fp = fingerprint(config, variant, seed)
@@ -634,7 +637,7 @@ def compare_main(args: list[str]) -> int:
 
     try:
         records = CLI(compare, args=args, parser_mode=register_jsonargparse_loader())  # YAML read as `fit` reads it
-    except CompareError as err:
+    except (CompareError, UnsafeWriteError) as err:
         print(f"lightning-peft compare: error: {err}", file=sys.stderr)
         return 2
     failed = [r.name for r in records if r.status != "ok"]
