@@ -26,6 +26,7 @@ MoRA paper's Table 5 are about 1.5x LoRA's).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -36,10 +37,12 @@ from typing import Any, Literal
 from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer, method_for_role
 from lightning_peft.diagnostics import TABLE_FILE, read_table
 from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.experiments.fingerprint import fingerprint
 from lightning_peft.experiments.policy_search import SearchError, SearchSettings
 from lightning_peft.experiments.policy_search_run import search_command
 from lightning_peft.experiments.runner import build_model, carried_params, carried_rules, load_config, run_fit
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
+from lightning_peft.policy.schema import register_jsonargparse_loader
 
 TIERS = ("skip", "low", "high", "magnitude", "base")
 # The method of each tier is asked of the registry (`AdapterMethod.suggest_roles`); `high` may be overridden.
@@ -228,7 +231,25 @@ class RuleChoice:
         return sum(cls.count_parameters(d.evidence.in_features, d.evidence.out_features, **hp) for d in self.decisions)
 
     def max_rank(self) -> int:
-        return min(min(d.evidence.in_features, d.evidence.out_features) for d in self.decisions)
+        """No module's adapter may outgrow its layer's weights (beyond that, method `full` is cheaper)."""
+        cls = get_adapter_class(self.method)
+        return min(rank_within_layer(cls, d.evidence.in_features, d.evidence.out_features) for d in self.decisions)
+
+
+@functools.cache
+def rank_within_layer(cls: type, in_features: int, out_features: int) -> int:
+    """The largest rank (at least 1) at which a `cls` adapter has no more trainable parameters than the layer."""
+    alpha = "alpha" in hyperparameter_names(cls)
+
+    def fits(r: int) -> bool:
+        hp = {"r": r, "alpha": 2 * r} if alpha else {"r": r}
+        return cls.count_parameters(in_features, out_features, **hp) <= in_features * out_features
+
+    lo, hi = 1, min(in_features, out_features)
+    while lo < hi:  # parameter counts grow with the rank
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def group_rules(decisions: Sequence[Decision], settings: SuggestSettings) -> list[RuleChoice]:
@@ -422,7 +443,21 @@ def check_before_pilot(model: Any, settings: SuggestSettings, carried: Sequence[
             f"budget {settings.budget:,} is smaller than any policy: the smallest ({pilot.label} r=1 on one module, "
             f"plus the carried rules) has {smallest:,} trainable parameters"
         )
+    check_budget_below_layers(settings.budget, [(r.in_features, r.out_features) for r in adapted], carried, model)
     return plan
+
+
+def check_budget_below_layers(
+    budget: int, shapes: Sequence[tuple[int, int]], carried: Sequence[dict[str, Any]], model: Any
+) -> None:
+    """Refuse a budget that holds every candidate layer in full: adapters that large cost more than their layers."""
+    full = sum(i * o for i, o in shapes) + carried_params(model, carried)
+    if budget >= full:
+        raise SuggestError(
+            f"budget {budget:,} is at least what training all {len(shapes)} candidate layers in full costs "
+            f"({full:,} parameters, carried rules included): adapters that large would cost more than their layers. "
+            f"Give a budget below {full:,}, or train those layers with method 'full'"
+        )
 
 
 def evidence_from_table(rows: Sequence[dict[str, Any]], plan: Any, cap: int) -> list[ModuleEvidence]:
@@ -484,8 +519,8 @@ def suggest_from_evidence(
     header: Sequence[str] = (),
 ) -> SuggestResult:
     """Decide, allocate ranks under the budget, write the policy, and check it against the model's plan."""
-    import yaml
 
+    check_budget_below_layers(settings.budget, [(e.in_features, e.out_features) for e in evidence], carried, model)
     decisions = decide(evidence, settings)
     spare = settings.budget - carried_params(model, carried)
     rules = allocate(group_rules(decisions, settings), spare, settings.low_rank_fraction)
@@ -499,7 +534,7 @@ def suggest_from_evidence(
     text = policy_text(rules, decisions, carried, settings, scope, blocks_path, header)
     path = Path(path)
     try:
-        plan = LayerPolicy.from_dict(yaml.safe_load(text), source=str(path)).resolve(model)
+        plan = LayerPolicy.from_text(text, source=str(path)).resolve(model)  # read back as a fit reads it
     except PolicyError as err:
         raise SuggestError(f"the suggested policy does not resolve on the model: {err}") from None
     if plan.trainable_params != predicted or plan.trainable_params > settings.budget:
@@ -520,8 +555,6 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     pilot. A finished pilot of the same config and pilot settings in `out_dir` is reused (the
     thresholds and the budget can be changed without training again).
     """
-    import hashlib
-
     import yaml
 
     cfg = load_config(config)
@@ -532,7 +565,7 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     pilot_dir = out / "pilot"
     pilot_dir.mkdir(parents=True, exist_ok=True)
     pilot_path = pilot_dir / "pilot_policy.yaml"
-    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]  # a changed config re-runs the pilot
+    digest = fingerprint(config, {}, None)  # a changed config, or a file or preset it names, re-runs the pilot
     text = f"# pilot of {Path(config).resolve()} (sha256 {digest}), {settings.pilot_steps} steps\n"
     text += yaml.safe_dump(pilot_policy(settings, carried), sort_keys=False)
     done = (pilot_dir / TABLE_FILE).is_file() and pilot_path.is_file() and pilot_path.read_text() == text
@@ -576,14 +609,15 @@ def uniform_policy(method: str, rank: int, settings: SuggestSettings, carried: S
 
 
 def uniform_rank(method: str, evidence: Sequence[ModuleEvidence], budget: int) -> int:
-    """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit)."""
+    """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit),
+    and at most the rank where an adapter reaches its layer's size."""
     cls = get_adapter_class(method)
 
     def cost(r: int) -> int:
         hp = cls.hparams_for_rank(r)
         return sum(cls.count_parameters(e.in_features, e.out_features, **hp) for e in evidence)
 
-    lo, hi = 0, max(min(e.in_features, e.out_features) for e in evidence)
+    lo, hi = 0, min(rank_within_layer(cls, e.in_features, e.out_features) for e in evidence)  # none outgrows its layer
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
@@ -673,7 +707,7 @@ def suggest_main(args: list[str]) -> int:
     from jsonargparse import CLI
 
     try:
-        CLI(suggest_command, args=args)
+        CLI(suggest_command, args=args, parser_mode=register_jsonargparse_loader())  # YAML read as `fit` reads it
     except (SuggestError, CompareError, SearchError) as err:
         print(f"lightning-peft suggest: error: {err}", file=sys.stderr)
         return 2

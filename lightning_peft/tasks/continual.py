@@ -183,8 +183,11 @@ class UUIDRecall(PriorKnowledge):
     def __init__(self, num_pairs: int | None = None, seed: int | None = None, batch_size: int = 64) -> None:
         if (num_pairs is None) != (seed is None):
             raise ValueError("UUIDRecall: give both `num_pairs` and `seed`, or neither (use the module's prior_pairs)")
-        if batch_size < 1:
-            raise ValueError(f"UUIDRecall: batch_size must be >= 1, got {batch_size}")
+        for name, value in (("num_pairs", num_pairs), ("batch_size", batch_size)):  # a probe needs items
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"UUIDRecall: {name} must be a positive integer, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"UUIDRecall: seed must be an integer, got {seed!r}")
         self.num_pairs = num_pairs
         self.seed = seed
         self.batch_size = batch_size
