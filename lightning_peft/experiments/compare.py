@@ -633,21 +633,3 @@ def compare(
     return run_comparison(
         base, variants, out_dir, seed=seed, rerun=rerun, metric=metric, forget_metric=forget_metric, figures=figures
     )
-
-
-def compare_main(args: list[str]) -> int:
-    """`lightning-peft compare ...`: 0 when every variant finished, 1 when one failed, 2 on bad input."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        records = CLI(compare, args=args)
-    except CompareError as err:
-        print(f"lightning-peft compare: error: {err}", file=sys.stderr)
-        return 2
-    failed = [r.name for r in records if r.status != "ok"]
-    if failed:
-        print(f"lightning-peft compare: {len(failed)} variant(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0

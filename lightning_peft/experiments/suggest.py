@@ -35,7 +35,7 @@ from typing import Any
 
 from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
 from lightning_peft.diagnostics import TABLE_FILE, read_table
-from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.experiments.compare import Variant, run_comparison
 from lightning_peft.experiments.runner import build_model, carried_rules, load_config, run_fit
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
 
@@ -637,17 +637,3 @@ def suggest_command(
         variants = comparison_variants(result, settings, result.carried, spare)
         run_comparison(base, variants, Path(out_dir) / "comparison", seed=seed)
     return result
-
-
-def suggest_main(args: list[str]) -> int:
-    """`lightning-peft suggest ...`: 0 done, 2 bad input (named before the pilot runs)."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        CLI(suggest_command, args=args)
-    except (SuggestError, CompareError) as err:
-        print(f"lightning-peft suggest: error: {err}", file=sys.stderr)
-        return 2
-    return 0
