@@ -354,7 +354,7 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     for call in (lambda: export_peft(model, target), lambda: export_merged(model, target)):
-        with pytest.raises(ExportError, match="not empty; pass overwrite=True"):
+        with pytest.raises(ExportError, match="not empty; pass `--overwrite true`"):
             call()
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
 
@@ -436,7 +436,9 @@ def test_import_names_the_prefix_when_modules_are_missing(tmp_path):
 
     _, folder = peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
     module = CausalLMModule(tiny_llama(0))
-    with pytest.raises(ExportError, match=r"lack the prefix 'model\.'; pass submodule='model'"):
+    with pytest.raises(
+        ExportError, match=r"lack the prefix 'model\.'; pass `--submodule model` \(Python: `submodule='model'`\)"
+    ):
         import_peft(module, folder, submodule="")  # explicitly the LightningModule itself: names are off by `model.`
     assert get_plan(module) is None
     with pytest.raises(ExportError, match="does not exist"):

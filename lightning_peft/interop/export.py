@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_peft.adapters.base import AdapterLinear, get_adapter_class, is_supported_layer, layer_shape
 from lightning_peft.callbacks.adapter import restore_from_checkpoint
+from lightning_peft.core.hints import option_hint
 from lightning_peft.core.inject import find_adapters, get_plan, inject_adapters, load_adapter_state, model_restarts
 from lightning_peft.core.names import prefix_hint
 from lightning_peft.diagnostics.snapshot import write_snapshot
@@ -54,6 +55,8 @@ from lightning_peft.interop.peft_format import (
 from lightning_peft.policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
 
 MANIFEST_FILE = "lightning_peft_export.json"
+FOLD_CLI, FOLD_PY = "'{<method>: fold}'", {"<method>": "fold"}  # the route hints, in both spellings
+HIRA_SVD_CLI, HIRA_SVD_PY = "'{hira: svd}'", {"hira": "svd"}
 BASE_DIR = "base"
 ROUTES = ("fold", "svd")
 
@@ -113,7 +116,9 @@ def check_target(target: str | Path, overwrite: bool) -> Path:
     if target.exists() and not target.is_dir():
         raise ExportError(f"Export target {str(target)!r} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(f"Export target {str(target)!r} exists and is not empty; pass overwrite=True (--overwrite)")
+        raise ExportError(
+            f"Export target {str(target)!r} exists and is not empty; pass {option_hint('overwrite', 'true', True)}"
+        )
     return target
 
 
@@ -227,7 +232,8 @@ def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tu
         route = routes.get(row.method, "peft" if row.method in PEFT_TENSOR_NAMES else None)
         if route == "svd" and row.method == "full":
             raise ExportError(
-                f"{row.name}: a `full` module has no low-rank update to convert; use routes={{'full': 'fold'}}"
+                f"{row.name}: a `full` module has no low-rank update to convert; use "
+                + option_hint("routes", "'{full: fold}'", {"full": "fold"})
             )
         if route is None:
             stuck.append(f"{row.name} ({row.method})")
@@ -235,11 +241,11 @@ def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tu
     if stuck:
         raise ExportError(
             f"peft's LoRA format cannot represent {len(stuck)} layer(s), e.g. {stuck[:4]}; choose a route per "
-            "method: routes={'<method>': 'fold'} writes them into the base weights saved beside the adapter, "
-            "'svd' converts them to LoRA (with svd_rank or svd_energy)"
+            f"method: {option_hint('routes', FOLD_CLI, FOLD_PY)} writes them into the "
+            "base weights saved beside the adapter, `svd` converts them to LoRA (with --svd_rank or --svd_energy)"
         )
     if "svd" in chosen.values() and (svd[0] is None) == (svd[1] is None):
-        raise ExportError("the 'svd' route needs exactly one of svd_rank (an int) or svd_energy (in (0, 1])")
+        raise ExportError("the 'svd' route needs exactly one of --svd_rank (an int) or --svd_energy (in (0, 1])")
     if svd[1] is not None and not 0.0 < float(svd[1]) <= 1.0:
         raise ExportError(f"svd_energy must be in (0, 1], got {svd[1]!r}")
     if svd[0] is not None and (isinstance(svd[0], bool) or not isinstance(svd[0], int) or svd[0] < 1):
@@ -293,14 +299,18 @@ def export_peft(
     if restarts and not save_base:
         raise ExportError(
             f"The base weights hold {restarts} merged restart cycle(s) (MergeRestart): peft would apply these "
-            "adapters to the original base. Pass save_base=True (the merged base goes to out/base) or use export_merged"
+            f"adapters to the original base. Pass {option_hint('save_base', 'true', True)} (the merged base goes "
+            "to out/base) or export merged (`--format merged`, Python: `export_merged`)"
         )
     prefix, hf = resolve_submodule(model, submodule)
     rows = _strip_prefix(plan.rows, prefix)
     chosen = _routes_for(rows, routes, (svd_rank, svd_energy))
     _check_one_peft_type(rows, chosen)
     if (save_base or "fold" in chosen.values()) and not hasattr(hf, "save_pretrained"):
-        raise ExportError(f"{type(hf).__name__} has no save_pretrained to write the base; pass submodule= naming it")
+        raise ExportError(
+            f"{type(hf).__name__} has no save_pretrained to write the base; pass "
+            f"{option_hint('submodule', 'NAME', 'NAME')} naming the Hugging Face model inside it"
+        )
     check_target(out, overwrite)
     layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
     peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]
@@ -345,7 +355,8 @@ def _check_one_peft_type(rows: dict[str, PlanRow], chosen: dict[str, str]) -> No
     if len(types) > 1:
         raise ExportError(
             f"peft loads one adapter type per model, and this plan needs HiRA ({types['HIRA'][:3]}) beside "
-            "LoRA/DoRA; choose routes={'hira': 'svd'} (HiRA as LoRA) or {'hira': 'fold'} (into the saved base)"
+            f"LoRA/DoRA; choose {option_hint('routes', HIRA_SVD_CLI, HIRA_SVD_PY)} (HiRA as LoRA) or "
+            "`{hira: fold}` (into the saved base)"
         )
 
 
@@ -372,8 +383,8 @@ def _write_manifest(folder: Path, report: ExportReport, base: bool) -> None:
 def _save_pretrained(model: nn.Module, folder: Path) -> None:
     if not hasattr(model, "save_pretrained"):
         raise ExportError(
-            f"{type(model).__name__} has no save_pretrained (not a transformers model); pass submodule= naming "
-            "the Hugging Face model inside it"
+            f"{type(model).__name__} has no save_pretrained (not a transformers model); pass "
+            f"{option_hint('submodule', 'NAME', 'NAME')} naming the Hugging Face model inside it"
         )
     model.save_pretrained(folder, safe_serialization=True)
 
@@ -647,7 +658,8 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
         import_peft(model, adapter, submodule="")
     except ExportError as err:
         raise ExportError(
-            f"{err} The base was loaded as {name}; pass auto_class= naming the class it was trained on."
+            f"{err} The base was loaded as {name}; pass {option_hint('auto_class', 'CLASS', 'CLASS')} naming the "
+            "transformers class it was trained on (e.g. AutoModelForCausalLM)."
         ) from None
     return write_snapshot(model, out)
 
