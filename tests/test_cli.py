@@ -105,6 +105,22 @@ def test_dotted_override_changes_the_policy(capsys):
     assert "total dora" in out and "total mora" not in out
 
 
+def test_a_policy_mapping_on_the_command_line_replaces_the_configs(tmp_path, capsys):
+    """jsonargparse would merge the two mappings field by field; the policy named last is the policy."""
+    config_policy = {"rules": [{"name": "mlp", "method": "mora", "modules": ["mlp.*"], "hparams": {"r": 4}}]}
+    override = tmp_path / "policy_in_config.yaml"
+    override.write_text(yaml.safe_dump({"adapters": {"policy": config_policy}}))
+    cli_policy = "{rules: [{name: attn, method: lora, modules: [q_proj, v_proj]}]}"
+    args = ["plan", "--config", "configs/uuid_hybrid.yaml", "--config", str(override)]
+    main([*args, "--adapters.policy", cli_policy])
+    out = capsys.readouterr().out
+    assert "total lora" in out and "total mora" not in out and "mlp" not in out
+    main([*args, f"--adapters.policy={cli_policy}"])
+    assert "total mora" not in capsys.readouterr().out
+    main(args)  # the config's own policy when the command line names none
+    assert "total mora" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [

@@ -21,7 +21,6 @@ seed; a variant that fails is recorded with its error and the others still run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -29,7 +28,6 @@ import re
 import shutil
 import statistics
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -133,18 +131,10 @@ def parse_variants(entries: Sequence[Variant | Mapping[str, Any]]) -> list[Varia
     return variants
 
 
-REPLACED_KEYS = ("adapters.policy",)
-"""Keys whose mapping values replace the config's value instead of merging into it (jsonargparse
-merges a mapping into the namespace it overrides, so a policy's rules would inherit fields of
-the base policy's rules)."""
-
-
 def override_args(overrides: Mapping[str, Any]) -> list[str]:
     """`{"model.lr": 0.001}` -> `["--model.lr=0.001"]` (non-strings as JSON, which jsonargparse reads)."""
     args = []
     for key, value in overrides.items():
-        if key in REPLACED_KEYS and isinstance(value, Mapping):
-            args.append(f"--{key}=replaced")  # a plain string first: the mapping then starts from nothing
         args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
     return args
 
@@ -224,19 +214,10 @@ def _parse(config: str | Path, overrides: Mapping[str, Any], name: str, shared: 
     args = ["fit", "--config", str(config), *override_args(overrides)]
     cli_class = _parse_only_cli() if shared is None else shared.cli(_parse_only_cli())
     try:
-        with _quiet_cli():
-            cli = cli_class(args=args, parser_kwargs={"exit_on_error": False})
+        cli = cli_class(args=args, parser_kwargs={"exit_on_error": False})
     except (ArgumentError, ValueError, TypeError, OSError) as err:
         raise CompareError(f"variant {name!r}: {err}") from None
     return cli.config.fit
-
-
-@contextlib.contextmanager
-def _quiet_cli():
-    """LightningCLI warns when `args` is given while `sys.argv` has arguments (ours: `compare ...`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        yield
 
 
 def _policy_value(config: Any) -> Any:
@@ -438,12 +419,11 @@ def run_variant(
     start = time.perf_counter()
     try:
         cli_class = PeftCLI if shared is None else shared.cli(PeftCLI)
-        with _quiet_cli():
-            cli = cli_class(
-                args=_fit_args(config, variant, out_dir, seed),
-                trainer_defaults={"callbacks": [recorder]},
-                parser_kwargs={"exit_on_error": False},
-            )
+        cli = cli_class(
+            args=_fit_args(config, variant, out_dir, seed),
+            trainer_defaults={"callbacks": [recorder]},
+            parser_kwargs={"exit_on_error": False},
+        )
         metrics = scalar_metrics(cli.trainer.callback_metrics)
         table = _diagnostics_table(cli.trainer)
         depth = depth_summary(table) if table is not None else []

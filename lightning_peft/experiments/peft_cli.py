@@ -18,10 +18,12 @@ entry point (`lightning_peft.cli`) wires it to the command line.
 
 from __future__ import annotations
 
+import sys
 from types import MethodType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
@@ -38,6 +40,23 @@ OPTIMIZER_KEY = "optimizer"
 
 
 LR_SCHEDULER_KEY = "lr_scheduler"
+REPLACED_KEYS = ("adapters.policy",)
+"""Keys whose command-line value replaces the config's instead of merging into it: jsonargparse merges a
+mapping into the mapping it overrides, so a policy named on the command line would inherit the rules
+of the config's policy. A user who names a policy means this policy."""
+
+
+def replace_not_merge(args: list[str]) -> list[str]:
+    """Each `--adapters.policy VALUE` preceded by `--adapters.policy=replaced`, a plain string that the
+    value then overrides from nothing (a mapping no longer merges into the config's mapping)."""
+    flags = {f"--{key}" for key in REPLACED_KEYS}
+    out = []
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in flags:
+            out.append(f"{flag}=replaced")
+        out.append(arg)
+    return out
 
 
 def _only_policy_objects(value: Any) -> LayerPolicy:
@@ -121,6 +140,15 @@ class PeftCLI(LightningCLI):
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI's, with `REPLACED_KEYS` replaced, not merged; and without its warning about `args`
+        given while `sys.argv` has arguments: experiments (compare, suggest) run fits in-process on purpose
+        while `sys.argv` holds their own command."""
+        if isinstance(args, dict | Namespace):
+            self.config = parser.parse_object(args)
+            return
+        self.config = parser.parse_args(replace_not_merge(sys.argv[1:] if args is None else list(args)))
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
