@@ -283,17 +283,22 @@ def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
     assert isinstance(with_callbacks.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-def test_without_a_logger_every_file_lands_under_default_root_dir(tmp_path, monkeypatch):
+def test_without_a_logger_every_file_lands_under_default_root_dir(tmp_path, monkeypatch, capsys):
     """`--trainer.logger false`: CSV, figures, config.yaml and checkpoints go to the config's
-    `default_root_dir`, nothing into the current folder."""
+    `default_root_dir`, nothing into the current folder; the run says where; a second run that
+    replaces the first one's diagnostics says so."""
     monkeypatch.chdir(tmp_path)
-    main(
+    args = (
         ["fit", "--config", str(REPO / "configs" / "uuid_lora.yaml"), "--adapters.policy", "lora_all"]
         + ["--trainer.logger", "false", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
         + ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
     )
+    main(args)
+    assert "run folder: runs/uuid_lora" in capsys.readouterr().out
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     root = "runs/uuid_lora/"
     assert {root + "config.yaml", root + "update_diagnostics.csv", root + "updates_heatmap.png"} <= written
     assert any(p.startswith(root + "checkpoints/") and p.endswith(".ckpt") for p in written)
     assert all(p.startswith(root) for p in written), sorted(written)
+    with pytest.warns(UserWarning, match="holds the diagnostics of an earlier run"):
+        main(args)

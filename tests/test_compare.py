@@ -83,7 +83,7 @@ def test_two_variants_end_to_end_then_resume_skips_them(base_config, tmp_path, m
     }  # fmt: skip
     for name in ("metric_vs_params", "learn_vs_forget", "depth_diagnostics"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
-    assert (tmp_path / "lora" / "forgetting.csv").is_file() and (tmp_path / "lora" / "metrics.csv").is_file()
+    assert (tmp_path / "lora" / "forgetting.csv").is_file() and (tmp_path / "lora" / "csv" / "metrics.csv").is_file()
 
     monkeypatch.setattr(compare_module, "run_variant", lambda *a, **k: pytest.fail("a finished variant ran again"))
     again = run_comparison(base_config, variants, tmp_path, figures=False, table=False)

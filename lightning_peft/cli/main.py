@@ -22,6 +22,7 @@ import pickle
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lightning_peft.callbacks.restart import RestartError
@@ -41,6 +42,7 @@ DESCRIPTION = (
     "Per-layer hybrid adapters (LoRA, DoRA, MoRA, HiRA) for PyTorch Lightning. "
     f"Run `{PROG} COMMAND --help` for the options of a command."
 )
+FIGURES = "updates_*.png"  # the figures `report` draws (lightning_peft.diagnostics.draw_figures)
 USER_ERRORS = (
     PolicyError,
     AdapterStateError,
@@ -65,7 +67,14 @@ def report(log_dir: str) -> None:
     """
     from rich import get_console
 
-    get_console().print(render_report(log_dir))
+    folder = Path(log_dir) if Path(log_dir).is_dir() else Path(log_dir).parent
+    before = {p.name for p in folder.glob(FIGURES)}
+    console = get_console()
+    console.print(render_report(log_dir))
+    after = sorted(p.name for p in folder.glob(FIGURES))
+    replaced = [name for name in after if name in before]
+    note = f" (replacing the {len(replaced)} figure(s) drawn before)" if replaced else ""
+    console.print(f"figures written to {folder}{note}: {', '.join(after)}")
 
 
 def inspect(
@@ -84,6 +93,7 @@ def inspect(
 
     diagnose_peft(adapter, base, out, auto_class)
     get_console().print(render_report(out, plots=plots))
+    get_console().print(f"diagnostics written to {out} (`{PROG} report {out}` re-renders them)")
 
 
 def _failed_variants(records: Any) -> int:

@@ -43,6 +43,7 @@ from lightning_peft.diagnostics.report import last_step, read_table
 from lightning_peft.experiments.figures import comparison_table, draw_comparison
 from lightning_peft.experiments.peft_cli import PeftCLI
 from lightning_peft.experiments.records import (
+    COMPARISON_FILE,
     CURVES_FILE,
     DEPTH_FILE,
     RECORD_FILE,
@@ -311,16 +312,22 @@ class VariantRecorder(Callback):
     allocated by torch; CPU: the process's peak resident set sampled at every step, so it
     includes Python and data), trainable parameters at train start, and the scalar callback
     metrics after every validation (`curves`), the last ones being the run's final metrics.
+    A module that built something once (e.g. a cached base) says so in `one_time_build_s`; that
+    time is reported apart (`build_time_s`), not as the variant's cost.
     """
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
         self.peak_memory_mb = math.nan
         self.trainable_params = 0
+        self.build_time_s = 0.0
         self.curves: list[dict[str, float]] = []
         self.exception: BaseException | None = None
         self._t0: float | None = None
         self._cuda = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.build_time_s = float(getattr(pl_module, "one_time_build_s", 0.0))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.trainable_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -386,12 +393,17 @@ def depth_summary(table: str | Path) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+CSV_FOLDER = "csv"  # <out_dir>/<name>/csv/metrics.csv
+
+
 def _fit_args(config: str | Path, variant: Variant, out_dir: Path, seed: int | None) -> list[str]:
     """The `lightning-peft fit` command line of one variant; its loggers write to `<out_dir>/<name>/`."""
     where = {"save_dir": str(out_dir), "name": variant.name, "version": ""}
+    # The CSV logger in its own `csv/` folder: it warns (and deletes) when its folder is not empty, and
+    # the run folder already holds compare's marker and the config when the CSV file is first written.
     loggers = [
         {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": where},
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": where},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {**where, "version": CSV_FOLDER}},
     ]
     seed_arg = [f"--seed_everything={seed}"] if seed is not None else []
     return ["fit", "--config", str(config), *seed_arg, *override_args(variant.overrides),
@@ -440,7 +452,8 @@ def run_variant(
         name=variant.name, status=status, error=error, metrics=metrics,
         trainable_params=recorder.trainable_params, step_time_median_s=recorder.step_time_median_s,
         peak_memory_mb=recorder.peak_memory_mb, run_dir=str(out_dir / variant.name),
-        overrides=dict(variant.overrides), wall_time_s=time.perf_counter() - start,
+        overrides=dict(variant.overrides), wall_time_s=time.perf_counter() - start - recorder.build_time_s,
+        build_time_s=recorder.build_time_s,
     )  # fmt: skip
     return record, recorder.curves, depth
 
@@ -462,7 +475,7 @@ def _save_run(run_dir: Path, record: VariantRecord, curves: list[dict], depth: l
 
     run_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(record)
-    data.update({k: _float(data[k]) for k in ("step_time_median_s", "peak_memory_mb", "wall_time_s")})
+    data.update({k: _float(data[k]) for k in ("step_time_median_s", "peak_memory_mb", "wall_time_s", "build_time_s")})
     write_csv(run_dir / CURVES_FILE, [{"variant": record.name, **c} for c in curves])
     write_csv(run_dir / "depth_summary.csv", [{"variant": record.name, **d} for d in depth])
     text = json.dumps(data, indent=2, default=str)
@@ -483,7 +496,8 @@ def _summary_line(index: int, total: int, record: VariantRecord, skipped: bool =
         return f"[{index}/{total}] {record.name}: finished before, skipped"
     if record.status != "ok":
         return f"[{index}/{total}] {record.name}: [red]failed[/red] after {record.wall_time_s:.0f} s: {record.error}"
-    return (f"[{index}/{total}] {record.name}: ok in {record.wall_time_s:.0f} s, "
+    built = f" (+ {record.build_time_s:.0f} s one-time build of a cached base)" if record.build_time_s else ""
+    return (f"[{index}/{total}] {record.name}: ok in {record.wall_time_s:.0f} s{built}, "
             f"{record.trainable_params:,} trainable, {record.step_time_median_s * 1e3:.1f} ms/step")  # fmt: skip
 
 
@@ -582,6 +596,7 @@ def run_comparison(
             draw_comparison(out_dir, records, metric=metric, forget_metric=forget_metric)
         if table:
             console.print(comparison_table(records, metric=metric, forget_metric=forget_metric))
+    console.print(f"comparison written to {out_dir} ({COMPARISON_FILE}, figures, one folder per variant)")
     return records
 
 

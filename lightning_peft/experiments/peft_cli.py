@@ -216,18 +216,26 @@ class PeftCLI(LightningCLI):
         console.print(f"exported {ckpt_path} as {fmt} to {out}")
 
     def after_fit(self) -> None:
-        """Print the final metrics (rank zero) so the main job ends with its numbers."""
+        """Print the final metrics and the run folder (rank zero): the main job ends with its numbers and
+        says where its files went."""
         if not self.trainer.is_global_zero:
             return
         from rich import get_console
-        from rich.table import Table
 
+        console = get_console()
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        if not metrics:
-            return
-        table = Table(title=f"final metrics (step {self.trainer.global_step})")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key in sorted(metrics):
-            table.add_row(key, f"{metrics[key]:.4f}")
-        get_console().print(table)
+        if metrics:
+            console.print(metrics_table(metrics, self.trainer.global_step))
+        console.print(f"run folder: {self.trainer.log_dir or self.trainer.default_root_dir}")
+
+
+def metrics_table(metrics: dict[str, float], step: int) -> Any:
+    """A rich table of final metrics, one row each."""
+    from rich.table import Table
+
+    table = Table(title=f"final metrics (step {step})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    return table

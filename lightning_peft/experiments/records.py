@@ -52,7 +52,8 @@ class VariantRecord:
     run_dir: str
     overrides: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
-    wall_time_s: float = math.nan
+    wall_time_s: float = math.nan  # the variant's own run, one-time builds excluded
+    build_time_s: float = 0.0  # one-time builds this run paid for (a cached base built on first use)
 
 
 def load_record(run_dir: Path) -> VariantRecord | None:
@@ -89,11 +90,12 @@ def write_comparison(out_dir: str | Path, records: Sequence[VariantRecord]) -> P
     rows = []
     for r in records:
         row = {c: getattr(r, c) for c in RECORD_COLUMNS}
-        row.update(wall_time_s=r.wall_time_s, overrides=json.dumps(r.overrides, sort_keys=True, default=str))
+        overrides = json.dumps(r.overrides, sort_keys=True, default=str)
+        row.update(wall_time_s=r.wall_time_s, build_time_s=r.build_time_s, overrides=overrides)
         row.update(r.metrics)
         rows.append(row)
     path = Path(out_dir) / COMPARISON_FILE
-    write_csv(path, rows, [*RECORD_COLUMNS, "wall_time_s", "overrides", *metric_names])
+    write_csv(path, rows, [*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides", *metric_names])
     return path
 
 
@@ -110,7 +112,7 @@ def read_comparison(out_dir: str | Path) -> list[VariantRecord]:
     path = path / COMPARISON_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no {COMPARISON_FILE} at {str(path)!r}; run `lightning-peft compare` first")
-    fixed = {*RECORD_COLUMNS, "wall_time_s", "overrides"}
+    fixed = {*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides"}
     records = []
     for row in read_csv(path):
         metrics = {k: parse_number(v) for k, v in row.items() if k not in fixed and v not in (None, "")}
@@ -121,6 +123,7 @@ def read_comparison(out_dir: str | Path) -> list[VariantRecord]:
             peak_memory_mb=parse_number(row["peak_memory_mb"]),
             run_dir=row["run_dir"], overrides=json.loads(row.get("overrides") or "{}"),
             wall_time_s=parse_number(row.get("wall_time_s")),
+            build_time_s=parse_number(row.get("build_time_s") or "0"),
         ))  # fmt: skip
     return records
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ def memorise_uuid_base(
     pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
     if verbose:
         print(f"lightning-peft: memorising UUID set A ({len(pairs)} pairs, <= {spec['prior_steps']} steps) -> {folder}")
+    start = time.perf_counter()
     result = _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])
+    result["build_time_s"] = round(time.perf_counter() - start, 1)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
@@ -175,7 +178,9 @@ class UUIDContinualLM(CausalLM):
         spec = {"arch": arch, "init_seed": init_seed, "prior_pairs": prior_pairs, "prior_seed": prior_seed,
                 "prior_steps": prior_steps, "prior_lr": prior_lr, "format": 1}  # fmt: skip
         folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        start, built = time.perf_counter(), False
         if not (Path(folder).expanduser() / base_cache_key(spec) / BASE_RECORD).is_file():
+            built = True
             folder = memorise_uuid_base(_random_init_llama(arch, init_seed), spec, folder)
         else:
             folder = Path(folder).expanduser() / base_cache_key(spec)
@@ -185,4 +190,7 @@ class UUIDContinualLM(CausalLM):
             max_new_tokens=max_new_tokens, generate_on_eval=generate_on_eval,
         )  # fmt: skip
         self.base_record: dict[str, Any] = json.loads((folder / BASE_RECORD).read_text())
+        # Seconds this instance spent building the cached base (0 when it was cached already): compare
+        # reports it apart from the variant's own cost (`build_time_s`), since only the first run pays it.
+        self.one_time_build_s = time.perf_counter() - start if built else 0.0
         self.prior_pairs = make_uuid_pairs(prior_pairs, prior_seed)
