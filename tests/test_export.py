@@ -18,6 +18,8 @@ from lightning_peft import AdapterCallback, find_adapters, get_plan, inject_adap
 from lightning_peft.interop.export import (
     MANIFEST_FILE,
     ExportError,
+    ExportReport,
+    LayerFidelity,
     export_merged,
     export_peft,
     load_peft_export,
@@ -528,3 +530,19 @@ def test_peft_lora_options_we_do_not_reproduce_are_named_errors(tmp_path):
         with pytest.raises(PeftFormatError, match=match):
             import_peft(model, folder)
         assert get_plan(model) is None
+
+
+def test_svd_table_fits_80_columns_without_wrapping_module_names():
+    from rich.console import Console
+
+    names = [f"model.model.layers.{b}.{kind}" for b in (0, 5) for kind in ("self_attn.q_proj", "mlp.down_proj")]
+    report = ExportReport(path="out", format="peft", max_logit_diff=1.5e-3)
+    report.converted = [LayerFidelity(n, "mora", 27, 128, 0.99, 1.2e-2, 3.4e-4) for n in names]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(report.table())
+    text = console.export_text()
+    assert "under model.model.layers." in text
+    for name in names:
+        short = name.removeprefix("model.model.layers.")
+        assert any(short in line and "27/128" in line for line in text.splitlines()), text
+    assert max(len(line) for line in text.splitlines()) <= 80

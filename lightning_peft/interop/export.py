@@ -177,17 +177,27 @@ class ExportReport:
         return asdict(self)
 
     def table(self):
-        """A rich table of the converted layers (empty when nothing was converted)."""
+        """A rich table of the converted layers (empty when nothing was converted), fit for 80 columns:
+        the prefix every module name shares goes to the title and module names never wrap."""
+        import os
+
         from rich.table import Table
 
-        table = Table(title=f"SVD conversion to LoRA (all layers at once: max |logit diff| {self.max_logit_diff})")
-        for col in ("module", "method", "rank", "of", "energy", "rel. Frobenius error", "max |logit diff|"):
-            table.add_column(col, justify="left" if col in ("module", "method") else "right", overflow="fold")
+        names = [f.module for f in self.converted]
+        prefix = os.path.commonprefix(names).rpartition(".")[0] if len(names) > 1 else ""
+        under = f" under {prefix}." if prefix else ""
+        table = Table(
+            title=f"SVD conversion to LoRA{under} (all layers at once: max |logit diff| {self.max_logit_diff})",
+            caption="rank: kept / full; energy: share of ||dW||_F^2 kept; rel. err: ||dW - BA||_F / ||dW||_F",
+        )
+        table.add_column("module", no_wrap=True)
+        table.add_column("method")
+        for col in ("rank", "energy", "rel. err", "|dlogit|"):
+            table.add_column(col, justify="right", no_wrap=True)
         for f in self.converted:
-            diff = "-" if f.max_logit_diff is None else f"{f.max_logit_diff:.3e}"
-            table.add_row(
-                f.module, f.method, str(f.rank), str(f.full_rank), f"{f.energy:.6f}", f"{f.rel_error:.3e}", diff
-            )
+            diff = "-" if f.max_logit_diff is None else f"{f.max_logit_diff:.2e}"
+            module = f.module[len(prefix) + 1 :] if prefix else f.module
+            table.add_row(module, f.method, f"{f.rank}/{f.full_rank}", f"{f.energy:.4f}", f"{f.rel_error:.2e}", diff)
         return table
 
 
