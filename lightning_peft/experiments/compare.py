@@ -170,11 +170,13 @@ class SharedParser:
     Building LightningCLI's parser (the signatures of trainer, model, data and callbacks) is
     most of a CLI's start-up cost, about 1 s of CPU, against some 0.4 s to parse a config
     with it. The parser depends on the CLI class only, never on a config, so one parser
-    serves the validation and the run of every variant.
+    serves the validation and the run of every variant. Variants run with `run=False`
+    (LightningCLI's public mode without subcommands: one parser, `cli.parser`), and compare
+    calls `trainer.fit` itself.
     """
 
     def __init__(self) -> None:
-        self._built: tuple[Any, Any, Any] | None = None
+        self._parser: Any = None
 
     def cli(self, base: type) -> type:
         """`base` (a `PeftCLI` subclass) with `setup_parser` served from this cache."""
@@ -182,43 +184,36 @@ class SharedParser:
 
         class SharedParserCLI(base):  # type: ignore[misc,valid-type]
             def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
-                if shared._built is None:
+                if shared._parser is None:
                     super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-                    shared._built = (self.parser, self._subcommand_parsers, self._subcommand_method_arguments)
+                    shared._parser = self.parser
                 else:
-                    self.parser, self._subcommand_parsers, self._subcommand_method_arguments = shared._built
+                    self.parser = shared._parser
 
         return SharedParserCLI
 
 
-def _parse_only_cli():
+class ParseOnlyCLI(PeftCLI):
+    """Parses and validates a `fit` config exactly as `fit` would (with `run=False`), but builds nothing."""
 
-    class ParseOnlyCLI(PeftCLI):
-        """Parses and validates a `fit` command line exactly as `fit` would, but builds and runs nothing."""
+    def instantiate_classes(self) -> None:
+        return None
 
-        def instantiate_classes(self) -> None:
-            return None
-
-        def after_instantiate_classes(self) -> None:
-            return None
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            return None
-
-    return ParseOnlyCLI
+    def after_instantiate_classes(self) -> None:
+        return None
 
 
 def _parse(config: str | Path, overrides: Mapping[str, Any], name: str, shared: SharedParser | None = None) -> Any:
     """The parsed config namespace of one variant; a `CompareError` naming it on any schema error."""
     from jsonargparse import ArgumentError
 
-    args = ["fit", "--config", str(config), *override_args(overrides)]
-    cli_class = _parse_only_cli() if shared is None else shared.cli(_parse_only_cli())
+    args = ["--config", str(config), *override_args(overrides)]
+    cli_class = ParseOnlyCLI if shared is None else shared.cli(ParseOnlyCLI)
     try:
-        cli = cli_class(args=args, parser_kwargs={"exit_on_error": False})
+        cli = cli_class(args=args, run=False, parser_kwargs={"exit_on_error": False})
     except (ArgumentError, ValueError, TypeError, OSError) as err:
         raise CompareError(f"variant {name!r}: {err}") from None
-    return cli.config.fit
+    return cli.config
 
 
 def _policy_value(config: Any) -> Any:
@@ -397,7 +392,7 @@ CSV_FOLDER = "csv"  # <out_dir>/<name>/csv/metrics.csv
 
 
 def _fit_args(config: str | Path, variant: Variant, out_dir: Path, seed: int | None) -> list[str]:
-    """The `lightning-peft fit` command line of one variant; its loggers write to `<out_dir>/<name>/`."""
+    """The `lightning-peft fit` arguments of one variant (after `fit`); its loggers write to `<out_dir>/<name>/`."""
     where = {"save_dir": str(out_dir), "name": variant.name, "version": ""}
     # The CSV logger in its own `csv/` folder: it warns (and deletes) when its folder is not empty, and
     # the run folder already holds compare's marker and the config when the CSV file is first written.
@@ -406,7 +401,7 @@ def _fit_args(config: str | Path, variant: Variant, out_dir: Path, seed: int | N
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {**where, "version": CSV_FOLDER}},
     ]
     seed_arg = [f"--seed_everything={seed}"] if seed is not None else []
-    return ["fit", "--config", str(config), *seed_arg, *override_args(variant.overrides),
+    return ["--config", str(config), *seed_arg, *override_args(variant.overrides),
             f"--trainer.logger={json.dumps(loggers)}"]  # fmt: skip
 
 
@@ -433,9 +428,11 @@ def run_variant(
         cli_class = PeftCLI if shared is None else shared.cli(PeftCLI)
         cli = cli_class(
             args=_fit_args(config, variant, out_dir, seed),
+            run=False,
             trainer_defaults={"callbacks": [recorder]},
             parser_kwargs={"exit_on_error": False},
         )
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         metrics = scalar_metrics(cli.trainer.callback_metrics)
         table = _diagnostics_table(cli.trainer)
         depth = depth_summary(table) if table is not None else []

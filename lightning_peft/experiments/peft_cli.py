@@ -133,8 +133,8 @@ class PeftCLI(LightningCLI):
         kwargs.setdefault(
             "parser_kwargs",
             {
-                "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
-                "`lightning-peft compare --config COMPARISON`, `lightning-peft inspect PEFT_ADAPTER BASE_MODEL`."
+                "prog": "lightning-peft",  # usage lines read `lightning-peft [options] fit`, whatever the script
+                "description": "Per-layer hybrid adapters for Lightning (`lightning-peft --help` lists every command).",
             },
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
