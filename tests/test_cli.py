@@ -209,13 +209,16 @@ def test_validate_on_a_fresh_module_from_the_fit_checkpoint(tmp_path, capsys):
 def test_report_re_renders_a_finished_run(tmp_path, capsys):
     main(["fit", "--config", "configs/uuid_mora.yaml", "--config", str(_short_run(tmp_path))])
     run = tmp_path / "run" / "version_0"
+    assert f"run folder: {run}" in capsys.readouterr().out  # fit ends by saying where it wrote
     for png in run.glob("*.png"):
         png.unlink()
-    capsys.readouterr()
     main(["report", str(run)])
     out = capsys.readouterr().out
     assert "mora" in out and "rel. norm" in out
     assert list(run.glob("*.png"))
+    assert f"figures written to {run}:" in " ".join(out.split()) and "replacing" not in out
+    main(["report", str(run)])
+    assert "replacing the" in capsys.readouterr().out  # the second time it says it redrew them
 
 
 def test_report_on_a_missing_dir_fails_clearly(tmp_path):

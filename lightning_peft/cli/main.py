@@ -74,7 +74,7 @@ def report(log_dir: str) -> None:
     after = sorted(p.name for p in folder.glob(FIGURES))
     replaced = [name for name in after if name in before]
     note = f" (replacing the {len(replaced)} figure(s) drawn before)" if replaced else ""
-    console.print(f"figures written to {folder}{note}: {', '.join(after)}")
+    console.print(f"figures written to {folder}{note}: {', '.join(after)}", soft_wrap=True)
 
 
 def inspect(
@@ -93,7 +93,7 @@ def inspect(
 
     diagnose_peft(adapter, base, out, auto_class)
     get_console().print(render_report(out, plots=plots))
-    get_console().print(f"diagnostics written to {out} (`{PROG} report {out}` re-renders them)")
+    get_console().print(f"diagnostics written to {out} (`{PROG} report {out}` re-renders them)", soft_wrap=True)
 
 
 def _failed_variants(records: Any) -> int:

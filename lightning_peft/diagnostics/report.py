@@ -28,6 +28,7 @@ COLUMNS = (*KEY_COLUMNS, *METRICS)
 class NotADiagnosticsTable(ValueError):
     """A CSV that is not an `update_diagnostics.csv` (a foreign file handed to `report`)."""
 
+
 Row = dict[str, Any]
 
 

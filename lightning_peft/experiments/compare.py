@@ -593,7 +593,9 @@ def run_comparison(
             draw_comparison(out_dir, records, metric=metric, forget_metric=forget_metric)
         if table:
             console.print(comparison_table(records, metric=metric, forget_metric=forget_metric))
-    console.print(f"comparison written to {out_dir} ({COMPARISON_FILE}, figures, one folder per variant)")
+    console.print(
+        f"comparison written to {out_dir} ({COMPARISON_FILE}, figures, one folder per variant)", soft_wrap=True
+    )
     return records
 
 

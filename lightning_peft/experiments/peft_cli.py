@@ -226,7 +226,7 @@ class PeftCLI(LightningCLI):
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
         if metrics:
             console.print(metrics_table(metrics, self.trainer.global_step))
-        console.print(f"run folder: {self.trainer.log_dir or self.trainer.default_root_dir}")
+        console.print(f"run folder: {self.trainer.log_dir or self.trainer.default_root_dir}", soft_wrap=True)
 
 
 def metrics_table(metrics: dict[str, float], step: int) -> Any:
