@@ -192,7 +192,7 @@ def test_add_callback_example_writes_under_its_run_folder(tmp_path, monkeypatch,
     assert f"run folder: {example.RUN_DIR}" in capsys.readouterr().out
 
 
-PYTHON_HINT = re.compile(r"\b(?:pass|use|choose|set)\s+`?\w+=")
+PYTHON_HINT = re.compile(r"\b(?:pass|use|choose|set)\s+`?\w+=", re.IGNORECASE)
 
 
 def test_hints_name_options_in_the_cli_syntax():

@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def option_hint(name: str, cli_value: str, python_value: Any) -> str:
-    """`--name cli_value` (Python: `name=python_value!r`), e.g. option_hint("overwrite", "true", True)."""
-    return f"`--{name} {cli_value}` (Python: `{name}={python_value!r}`)"
+def option_hint(name: str, cli_value: str, python_value: Any, section: str = "") -> str:
+    """`--section.name cli_value` (Python: `name=python_value!r`), e.g. option_hint("overwrite", "true", True).
+
+    `section`: the config section the option sits in on the command line (`adapters` for
+    `AdapterCallback`'s arguments: `--adapters.merge_at_end false`).
+    """
+    flag = f"{section}.{name}" if section else name
+    return f"`--{flag} {cli_value}` (Python: `{name}={python_value!r}`)"

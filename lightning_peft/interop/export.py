@@ -102,7 +102,7 @@ def _strip_prefix(rows: list[PlanRow], prefix: str) -> dict[str, PlanRow]:
     if outside:
         raise ExportError(
             f"Planned module(s) {outside[:4]} lie outside the exported submodule {prefix[:-1]!r}; "
-            "pass submodule='' to export the whole model"
+            f"pass {option_hint('submodule', repr(''), '')} to export the whole model"
         )
     return {r.name[len(prefix) :]: r for r in rows}
 
