@@ -262,6 +262,7 @@ class MoRA(AdapterMethod):
     """
 
     method = "mora"
+    label = "MoRA"  # no peft tuner: export folds it or converts it by SVD
 
     def __init__(
         self,

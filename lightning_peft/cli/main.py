@@ -27,8 +27,10 @@ from typing import Any
 
 from lightning_peft.callbacks.restart import RestartError
 from lightning_peft.core.inject import AdapterStateError
+from lightning_peft.core.io import UnsafeWriteError
 from lightning_peft.diagnostics import render_report
 from lightning_peft.diagnostics.report import NotADiagnosticsTable
+from lightning_peft.errors import InputError
 from lightning_peft.experiments.compare import CompareError, compare
 from lightning_peft.experiments.peft_cli import PeftCLI, PeftTrainer
 from lightning_peft.experiments.rank_search import NoRankKept, RankSearchError, rank_search_command
@@ -44,6 +46,8 @@ DESCRIPTION = (
 )
 FIGURES = "updates_*.png"  # the figures `report` draws (lightning_peft.diagnostics.draw_figures)
 USER_ERRORS = (
+    InputError,
+    UnsafeWriteError,
     PolicyError,
     AdapterStateError,
     ExportError,

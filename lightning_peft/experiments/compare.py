@@ -37,13 +37,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_peft.core.io import atomic_write
+from lightning_peft.core.io import atomic_write, check_replaceable
 from lightning_peft.diagnostics import UpdateDiagnostics
 from lightning_peft.diagnostics.report import last_step, read_table
 from lightning_peft.experiments.figures import comparison_table, draw_comparison
 from lightning_peft.experiments.peft_cli import PeftCLI
 from lightning_peft.experiments.records import (
     COMPARISON_FILE,
+    COMPARISON_MARKER,
     CURVES_FILE,
     DEPTH_FILE,
     RECORD_FILE,
@@ -510,6 +511,7 @@ def _plan_runs(
     config: str | Path, variants: Sequence[Variant], out_dir: Path, seed: int | None, rerun: bool
 ) -> list[tuple[Variant, str, VariantRecord | None]]:
     """(variant, fingerprint, finished record or None) per variant; refuses folders compare did not write."""
+    check_replaceable(out_dir / COMPARISON_FILE, COMPARISON_MARKER)  # before anything trains
     plans = []
     for variant in variants:
         fp = fingerprint(config, variant, seed)

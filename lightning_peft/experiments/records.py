@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_peft.core.io import write_file_safely
+
 COMPARISON_FILE = "comparison.csv"
+COMPARISON_MARKER = ".lightning-peft-comparison"  # beside comparison.csv: compare wrote it, may replace it
 
 
 DEPTH_FILE = "comparison_depth.csv"
@@ -95,7 +98,8 @@ def write_comparison(out_dir: str | Path, records: Sequence[VariantRecord]) -> P
         row.update(r.metrics)
         rows.append(row)
     path = Path(out_dir) / COMPARISON_FILE
-    write_csv(path, rows, [*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides", *metric_names])
+    columns = [*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides", *metric_names]
+    write_file_safely(path, lambda tmp: write_csv(Path(tmp), rows, columns), COMPARISON_MARKER)
     return path
 
 
