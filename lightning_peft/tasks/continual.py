@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_peft.core.io import build_once
 
 from ._common import LRSchedule, seeded
 from .causal_lm import CausalLM, greedy_generate
@@ -80,28 +80,24 @@ def memorise_uuid_base(
 
     `spec` holds `prior_pairs`, `prior_seed`, `prior_steps`, `prior_lr` and the model config;
     its hash names the folder. A folder that is already there is reused (not retrained).
-    The folder is written to a temporary sibling and renamed, so a crash never leaves half a base.
+    Built once however many processes start together (every rank of every node on a shared
+    filesystem): one trains and writes to a temporary sibling that is renamed into place, the
+    others wait for it (`build_once`); a crash never leaves half a base.
     """
     folder = Path(cache_dir or default_cache_dir()).expanduser() / base_cache_key(spec)
-    if (folder / BASE_RECORD).is_file():
-        return folder
-    pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
-    if verbose:
-        print(f"lightning-peft: memorising UUID set A ({len(pairs)} pairs, <= {spec['prior_steps']} steps) -> {folder}")
-    result = _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+
+    def build(tmp: Path) -> None:
+        pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
+        if verbose:
+            steps = spec["prior_steps"]
+            print(f"lightning-peft: memorising UUID set A ({len(pairs)} pairs, <= {steps} steps) -> {folder}")
+        result = _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])
         model.save_pretrained(tmp)
         (tmp / BASE_RECORD).write_text(json.dumps({"spec": spec, "memorised": result}, indent=2))
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / BASE_RECORD).is_file():  # not a concurrent writer that won the race
-            raise
-    if verbose:
-        print(f"lightning-peft: UUID base memorised set A: {result}")
-    return folder
+        if verbose:
+            print(f"lightning-peft: UUID base memorised set A: {result}")
+
+    return build_once(folder, build)
 
 
 def _random_init_llama(arch: dict[str, Any], init_seed: int) -> torch.nn.Module:
