@@ -5,6 +5,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from lightning_peft.adapters import ADAPTERS
+
 # Modules a deprecation warning passes through on its way from the deprecated API to its caller.
 LIBRARY_ROOTS = {"warnings", "functools", "contextlib", "typing_extensions", "torch", "transformers", "jsonargparse"}
 
@@ -12,6 +14,15 @@ LIBRARY_ROOTS = {"warnings", "functools", "contextlib", "typing_extensions", "to
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_adapter_registry():
+    """A test may register a toy method (`@register_adapter`); the global registry is restored after it."""
+    saved = dict(ADAPTERS)
+    yield
+    ADAPTERS.clear()
+    ADAPTERS.update(saved)
 
 
 def deprecated_api_caller(frame) -> str:

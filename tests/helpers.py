@@ -26,6 +26,30 @@ HYBRID = POLICIES / "mora_outer_dora_inner.yaml"
 VOCAB = 64
 SEQ = 16
 NUM_BLOCKS = 6
+# The module kinds of one tiny Llama block (names inside the block), in model order.
+LLAMA_KINDS = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+
+
+def random_base_layer(in_features: int, out_features: int, *, bias: bool = True, conv1d: bool = False) -> nn.Module:
+    """A base layer for equivalence tests: an `nn.Linear`, or GPT-2's `Conv1D` (weight `(in, out)`, always
+    a bias) with non-trivial weights."""
+    if not conv1d:
+        return nn.Linear(in_features, out_features, bias=bias)
+    from transformers.pytorch_utils import Conv1D
+
+    base = Conv1D(out_features, in_features)
+    with torch.no_grad():
+        base.weight.normal_(0, 0.2)
+        base.bias.normal_(0, 0.2)
+    return base
 
 
 def llama_config(**overrides):

@@ -384,13 +384,13 @@ def test_fit_writes_table_logs_and_figures(tmp_path, capsys):
 
     for name in ("updates_heatmap", "updates_curves", "updates_ranks", "updates_drift"):
         png = log_dir / f"{name}.png"
-        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+        assert png.read_bytes()[:4] == b"\x89PNG"  # what is drawn: tests/test_figures.py
     assert "update diagnostics" in capsys.readouterr().out  # the rich summary at fit end
 
     report_dir = tmp_path / "report"
     table = render_report(log_dir, out_dir=report_dir)
     assert table.row_count == 5  # blocks 0-3 and 'none'
-    assert (report_dir / "updates_heatmap.png").stat().st_size > 1000
+    assert (report_dir / "updates_heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_failures_warn_once_and_training_continues(tmp_path, monkeypatch):

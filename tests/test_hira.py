@@ -9,11 +9,10 @@ import warnings
 
 import pytest
 import torch
-from helpers import CausalLMModule, model_out, tiny_gpt2, tiny_llama, token_loader, tokens, trainer
+from helpers import CausalLMModule, model_out, random_base_layer, tiny_gpt2, tiny_llama, token_loader, tokens, trainer
 from peft import HiraConfig, get_peft_model
 from test_diagnostics import adapted, assert_metrics_match, brute_force, probe_of, randomise
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import AdapterCallback, LayerPolicy, inject_adapters, load_adapters, save_adapters
 from lightning_peft.adapters import AdapterLinear, AdapterMethod, HiRA
@@ -25,13 +24,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def build_pair(*, dropout: float = 0.0, bias: bool = True, conv1d: bool = False):
     """peft's HiRA layer and ours around identical bases; `init_weights=False` gives random A and B in peft."""
-    if conv1d:
-        base = Conv1D(OUT, IN)  # weight (in, out)
-        with torch.no_grad():
-            base.weight.normal_(0, 0.2)
-            base.bias.normal_(0, 0.2)
-    else:
-        base = nn.Linear(IN, OUT, bias=bias)
+    base = random_base_layer(IN, OUT, bias=bias, conv1d=conv1d)
     ours_base = copy.deepcopy(base)
     cfg = HiraConfig(r=R, hira_dropout=dropout, target_modules=["0"], init_weights=False, fan_in_fan_out=conv1d)
     with warnings.catch_warnings():

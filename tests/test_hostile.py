@@ -39,7 +39,7 @@ from lightning_peft import (
     restore_from_checkpoint,
     save_adapters,
 )
-from lightning_peft.adapters.base import ADAPTERS, AdapterMethod, register_adapter
+from lightning_peft.adapters.base import AdapterMethod, register_adapter
 from lightning_peft.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_peft.cli.main import main
 from lightning_peft.policy.schema import MAX_NESTING
@@ -271,15 +271,12 @@ def test_a_new_method_gets_typed_checks_from_its_signature():
         def delta_weight(self, weight):
             return weight * (self.gain - 1)
 
-    register_adapter(Scaled)
-    try:
-        with pytest.raises(PolicyError, match=r"`gain` of scaled_test_only must be a finite number, got inf"):
-            Rule("scaled_test_only", hparams={"gain": math.inf})
-        with pytest.raises(PolicyError, match=r"`on` of scaled_test_only must be bool, got the string 'no'"):
-            Rule("scaled_test_only", hparams={"on": "no"})
-        assert Rule("scaled_test_only", hparams={"gain": 2, "on": False}).hparams == {"gain": 2, "on": False}
-    finally:
-        del ADAPTERS["scaled_test_only"]
+    register_adapter(Scaled)  # the registry is restored by conftest's fixture
+    with pytest.raises(PolicyError, match=r"`gain` of scaled_test_only must be a finite number, got inf"):
+        Rule("scaled_test_only", hparams={"gain": math.inf})
+    with pytest.raises(PolicyError, match=r"`on` of scaled_test_only must be bool, got the string 'no'"):
+        Rule("scaled_test_only", hparams={"on": "no"})
+    assert Rule("scaled_test_only", hparams={"gain": 2, "on": False}).hparams == {"gain": 2, "on": False}
 
 
 def test_rank_many_times_the_layer_is_an_error_larger_than_the_layer_a_warning():
@@ -467,7 +464,7 @@ def test_property_a_crash_anywhere_in_save_leaves_the_old_or_the_new_adapters(tm
     old, new = OLD_NEW
     directory = tmp_path_factory.mktemp("save") / "adapters"
     _write_legacy_pair(old, directory) if legacy else save_adapters(old, directory)
-    import lightning_peft.core.inject as inject_module
+    import lightning_peft.core.io as io_module  # the one crash-safe writer
 
     calls = {"n": 0}
     real = {"replace": os.replace, "fsync": os.fsync, "open": os.open}
@@ -482,8 +479,8 @@ def test_property_a_crash_anywhere_in_save_leaves_the_old_or_the_new_adapters(tm
         return wrapped
 
     patches = {"replace": step("replace"), "fsync": step("fsync"), "open": step("open")}
-    saved = (inject_module.os.replace, inject_module.os.fsync, inject_module.os.open)
-    inject_module.os.replace, inject_module.os.fsync, inject_module.os.open = (
+    saved = (io_module.os.replace, io_module.os.fsync, io_module.os.open)
+    io_module.os.replace, io_module.os.fsync, io_module.os.open = (
         patches["replace"],
         patches["fsync"],
         patches["open"],
@@ -494,7 +491,7 @@ def test_property_a_crash_anywhere_in_save_leaves_the_old_or_the_new_adapters(tm
     except _Crash:
         crashed = True
     finally:
-        inject_module.os.replace, inject_module.os.fsync, inject_module.os.open = saved
+        io_module.os.replace, io_module.os.fsync, io_module.os.open = saved
     fresh = tiny_llama()
     plan = load_adapters(fresh, directory)
     expected = new if plan.fingerprint() == get_plan(new).fingerprint() else old

@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import random_base_layer
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lightning_peft.adapters import AdapterLinear, DoRA, LoRA
 
@@ -23,13 +23,7 @@ def build_pair(*, dora: bool, dropout: float = 0.0, bias: bool = True, rslora: b
 
     `init_lora_weights=False` leaves B random in peft, so DoRA's magnitude init is exercised with B != 0.
     """
-    if conv1d:
-        base = Conv1D(OUT, IN)  # weight (in, out), always has a bias
-        with torch.no_grad():
-            base.weight.normal_(0, 0.2)
-            base.bias.normal_(0, 0.2)
-    else:
-        base = nn.Linear(IN, OUT, bias=bias)
+    base = random_base_layer(IN, OUT, bias=bias, conv1d=conv1d)
     ours_base = copy.deepcopy(base)
     cfg = LoraConfig(
         r=R,

@@ -15,6 +15,7 @@ from helpers import (
     BUILDERS,
     HYBRID,
     LINEARS_PER_BLOCK,
+    LLAMA_KINDS,
     NUM_BLOCKS,
     POLICIES,
     PRESETS,
@@ -281,18 +282,7 @@ def test_full_trains_the_module_itself(models):
     ("patterns", "expected_kinds"),
     [
         (["self_attn.*"], {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}),
-        (
-            ["*_proj"],
-            {
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            },
-        ),
+        (["*_proj"], set(LLAMA_KINDS)),
         (["mlp.down_proj"], {"mlp.down_proj"}),
         (["[qv]_proj"], {"self_attn.q_proj", "self_attn.v_proj"}),
         (["re:.*\\.(q|v)_proj"], {"self_attn.q_proj", "self_attn.v_proj"}),

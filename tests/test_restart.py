@@ -385,15 +385,12 @@ def test_method_without_a_restart_rule_is_refused(tmp_path, monkeypatch):
         def delta_weight(self, weight):
             return weight * self.scale[:, None].to(weight.dtype)
 
-    try:
-        policy = {"rules": [{"method": "frozen_test", "modules": ["q_proj"], "depth": {"first": 1}}, *LORA_R2["rules"]]}
-        _fit_refused(
-            tmp_path,
-            [AdapterCallback(policy, verbose=False), MergeRestart(2)],
-            r"\['frozen_test'\] have no re-initialisation rule.*'model.model.layers.0.self_attn.q_proj'",
-        )
-    finally:
-        ADAPTERS.pop("frozen_test")
+    policy = {"rules": [{"method": "frozen_test", "modules": ["q_proj"], "depth": {"first": 1}}, *LORA_R2["rules"]]}
+    _fit_refused(  # the registry is restored by conftest's fixture
+        tmp_path,
+        [AdapterCallback(policy, verbose=False), MergeRestart(2)],
+        r"\['frozen_test'\] have no re-initialisation rule.*'model.model.layers.0.self_attn.q_proj'",
+    )
 
 
 def test_schedule_with_another_period_is_refused(tmp_path):

@@ -74,7 +74,7 @@ def test_rank_search_command(tiny_config, tmp_path, capsys):
     plan = LayerPolicy.from_yaml(out / "chosen_policy.yaml").resolve(_module())
     assert {r.kind for r in plan.rows} == {"self_attn.q_proj", "self_attn.v_proj"}
     assert plan.trainable_params == records[0].trainable_params
-    assert (out / "rank_search.png").stat().st_size > 10_000
+    assert (out / "rank_search.png").read_bytes()[:4] == b"\x89PNG"
     assert "chosen: lora r=1 on qv" in capsys.readouterr().out
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import yaml
-from helpers import REPO, CausalLMModule, tiny_bert
+from helpers import LLAMA_KINDS, REPO, CausalLMModule, tiny_bert
 
 from lightning_peft import LayerPolicy
 from lightning_peft.diagnostics import direction_drift, magnitude_drift
@@ -22,15 +22,7 @@ from lightning_peft.experiments.suggest import (
     suggest_from_evidence,
 )
 
-KINDS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
+KINDS = LLAMA_KINDS
 
 
 def expected_method(block: int, kind: str) -> str:

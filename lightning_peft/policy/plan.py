@@ -71,9 +71,17 @@ class Plan:
         optim_col = any(r.optim for r in self.rows)
         columns = ("block", "module", "method", "hyper-parameters", "params", "% of model")
         columns = (*columns[:4], "optimizer", *columns[4:]) if optim_col else columns
+        # Names, methods and numbers never wrap (a name folded over four lines cannot be read or
+        # grepped); the free-text columns take the squeeze on a narrow terminal.
+        widest_name = max([len(r.kind) for r in self.rows] + [len("total trainable")])
         for col in columns:
+            fixed = col not in ("hyper-parameters", "optimizer")
             table.add_column(
-                col, justify="right" if col in ("block", "params", "% of model") else "left", overflow="fold"
+                col,
+                justify="right" if col in ("block", "params", "% of model") else "left",
+                overflow="fold",
+                no_wrap=fixed,
+                min_width=widest_name if col == "module" else None,
             )
         for r in self.rows:
             hp = ", ".join(f"{k}={v}" for k, v in sorted(r.hparams.items()))
