@@ -17,7 +17,7 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
 
-try:  # where a rank's block starts; private in torch, so it has a fallback below
+try:  # where a rank's block starts; private in torch: without it, merges gather the whole weight
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover
     compute_local_shape_and_global_offset = None  # type: ignore[assignment]
@@ -43,15 +43,12 @@ def row_range(t: Tensor) -> slice | None:
     another way (a transposed GPT-2 `Conv1D` weight, tensor parallelism)."""
     if not is_dtensor(t):
         return slice(0, t.shape[0])
+    if compute_local_shape_and_global_offset is None:  # pragma: no cover - then merges gather the weight
+        return None
     if not all(p.is_replicate() or (isinstance(p, Shard) and p.dim == 0) for p in t.placements):
         return None
-    if compute_local_shape_and_global_offset is not None:
-        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return slice(offset[0], offset[0] + shape[0])
-    size = t.to_local().shape[0]  # pragma: no cover - FSDP2 chunks as torch.chunk: equal blocks, the last short
-    block = -(-t.shape[0] // t.device_mesh.size())
-    start = min(t.shape[0], block * t.device_mesh.get_local_rank())
-    return slice(start, start + size)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return slice(offset[0], offset[0] + shape[0])
 
 
 @torch.no_grad()
