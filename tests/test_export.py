@@ -96,16 +96,17 @@ def test_mixed_lora_dora_plan_loads_as_disjoint_peft_adapters(tmp_path):
     ids = tokens()
     ours = model_out(module.model, ids)
     report = export_peft(module, tmp_path / "adapter")
-    assert set(report.adapters) == {"lora", "lora_rslora", "dora"}
+    assert set(report.adapters) == {"lora_adapter", "lora_rslora", "dora"}  # not `lora`: peft warns on it
     assert not (tmp_path / "adapter" / "adapter_config.json").exists()  # a partial load cannot happen silently
     # The documented peft recipe (also written to the folder's README.md), without our helper:
-    peft_model = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "adapter" / "lora"), adapter_name="lora")
+    adapter = str(tmp_path / "adapter" / "lora_adapter")
+    peft_model = PeftModel.from_pretrained(tiny_llama(0), adapter, adapter_name="lora_adapter")
     peft_model.load_adapter(str(tmp_path / "adapter" / "lora_rslora"), adapter_name="lora_rslora")
     peft_model.load_adapter(str(tmp_path / "adapter" / "dora"), adapter_name="dora")
-    peft_model.base_model.set_adapter(["lora", "lora_rslora", "dora"])
+    peft_model.base_model.set_adapter(["lora_adapter", "lora_rslora", "dora"])
     assert rel_diff(model_out(peft_model.eval(), ids), ours) < RTOL
     assert rel_diff(model_out(load_peft_export(tiny_llama(0), tmp_path / "adapter").eval(), ids), ours) < RTOL
-    one_only = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "adapter" / "lora")).eval()
+    one_only = PeftModel.from_pretrained(tiny_llama(0), adapter).eval()
     assert rel_diff(model_out(one_only, ids), ours) > 1e-3  # the check can fail: one adapter is not the plan
 
 
@@ -351,12 +352,13 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     model = tiny_llama(0)
     inject_adapters(model, {"rules": [{"method": "lora", "modules": ["q_proj"], "hparams": {"r": 2}}]})
     target = tmp_path / "out"
-    target.mkdir()
+    export_peft(model, target)  # an earlier export: its manifest proves the folder is ours to replace
     (target / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in target.iterdir())
     for call in (lambda: export_peft(model, target), lambda: export_merged(model, target)):
         with pytest.raises(ExportError, match="not empty; pass overwrite=True"):
             call()
-    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in target.iterdir()) == before
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -364,7 +366,7 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     monkeypatch.setattr(export, "write_adapter", broken)
     with pytest.raises(OSError, match="disk full"):
         export_peft(model, target, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == before
     with pytest.raises(OSError, match="disk full"):
         export_peft(model, tmp_path / "new" / "deeper" / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the parent folders it made are gone too

@@ -131,3 +131,25 @@ def test_inspect_reports_per_layer_diagnostics_of_a_peft_adapter(tmp_path, capsy
         main(["inspect", str(tmp_path / "adapter"), str(tmp_path / "base"), "--auto_class", "AutoModel"])
     err = capsys.readouterr().err
     assert "extra prefix 'model.'" in err and "auto_class" in err
+
+
+def test_export_never_writes_over_the_run_it_exports(run, tmp_path, capsys):
+    """The run folder holds the checkpoint; an export folder holding the run's config is its source too."""
+    import shutil
+
+    def snapshot(folder: Path) -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exit_info:
+        export(run, run, "--overwrite", "true")
+    assert exit_info.value.code == 2 and "last.ckpt" in capsys.readouterr().err
+    target = tmp_path / "merged"
+    export(run, target, "--format", "merged")
+    config = shutil.copy(run / "run" / "version_0" / "config.yaml", target / "config.yaml")
+    inside = snapshot(target)
+    args = ["--ckpt_path", str(run / "ckpts" / "last.ckpt"), "--out", str(target), "--format", "merged"]
+    with pytest.raises(SystemExit):
+        main(["export", "--config", str(config), *args, "--overwrite", "true"])
+    assert "config.yaml" in capsys.readouterr().err
+    assert snapshot(run) == before and snapshot(target) == inside

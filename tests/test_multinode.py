@@ -110,7 +110,7 @@ def test_every_file_written_once_where_expected(run):
 
 def test_task_cache_built_once_by_nodes_starting_together(run):
     _, out, logs, _ = run
-    assert logs.count("lightning-peft: memorising UUID set A") == 1
+    assert logs.count("lightning-peft: building a base (once, cached)") == 1
     entries = sorted(p.name for p in (out / "cache" / "uuid-base").iterdir())
     assert len(entries) == 2 and entries[0] == f".{entries[1]}.lock"  # the base and its lock, no temporaries
     assert (out / "cache" / "uuid-base" / entries[1] / "lightning_peft_base.json").is_file()

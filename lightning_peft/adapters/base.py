@@ -19,14 +19,19 @@ count (plans). docs/methods.md lists the methods and walks through adding one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .quantized import check_mergeable, dequantized_linear, dequantized_weight, is_quantized, quantized_layer_types
 from .sharded import assign_whole, gather_rows, is_dtensor, local, row_range, whole
 
 try:  # GPT-2 style layers store their weight as (in, out)
@@ -106,6 +111,72 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+@dataclass(frozen=True)
+class PeftMapping:
+    """How a method is written as an HF peft adapter and read back; `interop/` asks, it names no method.
+
+    Attributes:
+        peft_type: peft's tuner (`"LORA"`); one loaded `PeftModel` holds one tuner type.
+        tensors: our state-dict key -> peft's key suffix (`{"lora_A": "lora_A.weight"}`).
+        hparams: our hyper-parameter -> `(config field, peft's default when the field is absent)`,
+            in the order adapter names list them (`{"alpha": ("lora_alpha", 8)}`).
+        patterns: hyper-parameters a config varies per module, -> their pattern field
+            (`{"r": "rank_pattern"}`); every other hyper-parameter is one value per config.
+        select: config fields that identify the method among those of its tuner, written as is
+            and matched on import (`{"use_dora": True}`; an absent field reads as `False`).
+        fixed: other fields written as is (`{"bias": "none"}`).
+        unsupported: fields whose non-default value changes the math in ways the method does not
+            reproduce (field -> its default); importing a config that sets one is refused.
+        base_changing_inits: `(field, values)`: initialisations that rewrite the base weights
+            (the adapter is then relative to a modified base), refused on import.
+    """
+
+    peft_type: str
+    tensors: Mapping[str, str]
+    hparams: Mapping[str, tuple[str, Any]]
+    patterns: Mapping[str, str] = field(default_factory=dict)
+    select: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    unsupported: Mapping[str, Any] = field(default_factory=dict)
+    base_changing_inits: tuple[str, tuple[str, ...]] | None = None
+
+    @property
+    def prefix(self) -> str:
+        """peft's attribute prefix of this tuner (`lora_`): an adapter name inside it makes peft warn."""
+        return min(self.tensors.values()).split("_")[0] + "_"
+
+
+def peft_methods() -> list[type[AdapterMethod]]:
+    """The registered methods that declare a peft mapping, in registration order."""
+    return [cls for cls in ADAPTERS.values() if cls.peft is not None]
+
+
+def low_rank_target() -> type[AdapterMethod]:
+    """The one registered method that declares itself the plain `B @ A` target (export's `svd` route)."""
+    targets = [cls for cls in ADAPTERS.values() if cls.low_rank_target]
+    if len(targets) != 1:
+        raise ValueError(f"exactly one registered method must set low_rank_target = True, got {targets}")
+    return targets[0]
+
+
+SUGGEST_ROLES = ("low_rank", "high_rank", "magnitude")
+
+
+def method_for_role(role: str) -> str:
+    """The first registered method that offers `role` to the heuristic `suggest` (`AdapterMethod.suggest_roles`)."""
+    if role not in SUGGEST_ROLES:
+        raise ValueError(f"unknown suggest role {role!r}; roles: {list(SUGGEST_ROLES)}")
+    for name, cls in ADAPTERS.items():
+        if role in cls.suggest_roles:
+            return name
+    raise ValueError(f"no registered method declares the suggest role {role!r}")
+
+
+def method_label(method: str) -> str:
+    """A registered method's display label (`LoRA`); other names (`full`, `none`) as they are."""
+    return ADAPTERS[method].label if method in ADAPTERS else method
+
+
 class AdapterMethod(nn.Module, ABC):
     """One adapter method's trainable tensors and math.
 
@@ -124,6 +195,29 @@ class AdapterMethod(nn.Module, ABC):
     parameter_roles: ClassVar[dict[str, str]] = {}
     #: Names of the scalars `extra_diagnostics` returns (the diagnostics table has a column for each).
     diagnostic_names: ClassVar[tuple[str, ...]] = ()
+    #: Display label in reports and figures (`LoRA`); defaults to the upper-cased method name.
+    label: ClassVar[str] = ""
+    #: How HF peft holds this method, or `None`: export then names the method as unsupported by peft.
+    peft: ClassVar[PeftMapping | None] = None
+    #: True for the one method whose update is exactly `B @ A` under `factor_hparams(r)`, with the
+    #: factors in the parameters whose roles are `A` and `B`: export's `svd` route converts to it.
+    low_rank_target: ClassVar[bool] = False
+    #: What the heuristic `suggest` may pick this method for (`SUGGEST_ROLES`): `low_rank` (the plain,
+    #: cheap default and the pilot), `high_rank` (rank-saturated modules), `magnitude` (updates led by
+    #: row-norm changes). Empty: the heuristic never picks it (the search still may).
+    suggest_roles: ClassVar[frozenset[str]] = frozenset()
+    #: The learning-rate scale tools write for this method's rules when nothing else is known.
+    default_lr_scale: ClassVar[float] = 1.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("label") and cls.method:
+            cls.label = cls.method.upper()
+
+    @classmethod
+    def factor_hparams(cls, rank: int) -> dict[str, Any]:
+        """Hyper-parameters under which this method's update is exactly `B @ A` (low-rank targets only)."""
+        raise NotImplementedError(f"{cls.__name__} is not a low-rank target")
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -138,6 +232,44 @@ class AdapterMethod(nn.Module, ABC):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- sizing for a parameter budget (searches, `suggest`) -------------------------------
+
+    @classmethod
+    def hparams_for_rank(cls, r: int) -> dict[str, Any] | None:
+        """The method's hyper-parameters at rank `r` when a tool sizes it; `None`: it has no rank.
+
+        Default: `{"r": r}` for a method that takes `r`. Methods with a scale tied to the rank
+        override this (LoRA and DoRA keep `alpha = 2r`, so every rank takes the same step size).
+        """
+        return {"r": r} if "r" in hyperparameter_names(cls) else None
+
+    @classmethod
+    def rank_for_budget(cls, shapes: Sequence[tuple[int, int]], budget: int) -> tuple[dict[str, Any], int] | None:
+        """The largest rank whose adapters on every `(in, out)` shape fit `budget`: `(hparams, parameters)`.
+
+        One rank for all shapes (one policy rule). The rank is also capped where an adapter would
+        outgrow its layer (then `full` is cheaper, and the policy warns). `None` when the method
+        has no rank or even rank 1 does not fit. Parameter counts grow with the rank: bisection.
+        """
+        if cls.hparams_for_rank(1) is None or not shapes:
+            return None
+        counts = Counter(shapes)
+
+        def cost(r: int) -> int | None:
+            each = {s: _count_at_rank(cls, s[0], s[1], r) for s in counts}
+            if any(n > s[0] * s[1] for s, n in each.items()):
+                return None
+            total = sum(n * counts[s] for s, n in each.items())
+            return total if total <= budget else None
+
+        if cost(1) is None:
+            return None
+        lo, hi = 1, max(min(s) for s in counts)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) is not None else (lo, mid - 1)
+        return cls.hparams_for_rank(lo), cost(lo)
 
     # -- math ----------------------------------------------------------------------------
 
@@ -232,6 +364,12 @@ class AdapterMethod(nn.Module, ABC):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _count_at_rank(cls: type[AdapterMethod], in_features: int, out_features: int, r: int) -> int:
+    """`count_parameters` at `hparams_for_rank(r)`, remembered: a budget search asks for the same sizes often."""
+    return cls.count_parameters(in_features, out_features, **cls.hparams_for_rank(r))
+
+
 def diagnostic_names() -> tuple[str, ...]:
     """Every registered method's extra diagnostic names, in registration order, without repeats."""
     names: dict[str, None] = {}
@@ -241,7 +379,9 @@ def diagnostic_names() -> tuple[str, ...]:
 
 
 def supported_layer_types() -> tuple[type, ...]:
-    return (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
+    """`nn.Linear`, GPT-2's `Conv1D`, and bitsandbytes' 4-/8-bit linears once bitsandbytes is imported."""
+    plain = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
+    return plain + quantized_layer_types()
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -303,10 +443,28 @@ class AdapterLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base.bias
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is a bitsandbytes 4-/8-bit layer (QLoRA; `adapters/quantized.py`)."""
+        return is_quantized(self.base)
+
     def base_weight(self) -> Tensor:
-        """The base weight in `(out, in)` layout (a view; Conv1D is transposed)."""
+        """The base weight in `(out, in)` layout: a view (Conv1D transposed), or for a quantized base a new
+        dense tensor of the dequantized weight, which every method and diagnostic reads as `W0`."""
+        if self.quantized:
+            return dequantized_weight(self.base)
         w = self.base.weight
         return w.t() if self.fan_in_fan_out else w
+
+    def check_mergeable(self, name: str = "") -> None:
+        """Refuse merging into a quantized base (raises `QuantizationError` naming `name`)."""
+        check_mergeable(self.base, name or f"{self.in_features}->{self.out_features} {self.method} layer")
+
+    @torch.no_grad()
+    def dequantize_base(self, dtype: torch.dtype | None = None) -> None:
+        """Replace a quantized base by a plain `nn.Linear` holding its dequantized weight (a merged export)."""
+        if self.quantized:
+            self.base = dequantized_linear(self.base, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         base_out = self.base(x)
@@ -327,6 +485,7 @@ class AdapterLinear(nn.Module):
 
     @property
     def adapter_dtype(self) -> torch.dtype:
+        """The dtype W0 is read in: fp32 for half-precision and quantized bases (their stored dtype is an integer)."""
         return adapter_param_dtype(self.base.weight.dtype)
 
     @torch.no_grad()
@@ -334,6 +493,7 @@ class AdapterLinear(nn.Module):
         """Fold the adapter into the base weight; a second call is a no-op."""
         if self.merged:
             return
+        self.check_mergeable()
         w = self.base_weight()
         merged = self.adapter.merge_weight(w.to(self.adapter_dtype))
         if not torch.isfinite(merged).all():
@@ -366,6 +526,7 @@ class AdapterLinear(nn.Module):
         """
         if self.merged:
             raise ValueError(f"{self.method} layer is merged; merge-and-restart needs unmerged adapters")
+        self.check_mergeable()
         w = self.base_weight()
         if is_dtensor(w):
             rows_w, rows = self.base_weight_rows()

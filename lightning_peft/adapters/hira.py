@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterMethod, check_dropout, check_rank, kaiming_uniform_, register_adapter
+from .base import AdapterMethod, PeftMapping, check_dropout, check_rank, kaiming_uniform_, register_adapter
 from .sharded import whole
 
 if TYPE_CHECKING:
@@ -38,6 +38,14 @@ class HiRA(AdapterMethod):
     """HiRA with rank `r` (of the Hadamard factor `B A`) and `dropout`."""
 
     method = "hira"
+    label = "HiRA"
+    # peft's HiRA tuner (`HiraConfig`); peft 0.21 does not apply its rank_pattern, so one config per rank
+    peft = PeftMapping(
+        peft_type="HIRA",
+        tensors={"hira_A": "hira_A", "hira_B": "hira_B"},
+        hparams={"r": ("r", 8), "dropout": ("hira_dropout", 0.0)},
+        fixed={"init_weights": True, "rank_pattern": {}},
+    )
 
     def __init__(self, in_features: int, out_features: int, *, r: int = 8, dropout: float = 0.0) -> None:
         super().__init__(in_features, out_features)

@@ -12,17 +12,59 @@ and an `r x r` SVD, its row terms from `(out, r)` products (docs/methods.md).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterMethod, accumulation_dtype, check_dropout, check_rank, kaiming_uniform_, register_adapter
+from .base import (
+    AdapterMethod,
+    PeftMapping,
+    accumulation_dtype,
+    check_dropout,
+    check_rank,
+    kaiming_uniform_,
+    register_adapter,
+)
 from .sharded import whole
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
+
+
+def lora_peft_mapping(use_dora: bool) -> PeftMapping:
+    """peft's LoRA tuner (`LoraConfig`), which holds LoRA and, with `use_dora`, DoRA."""
+    tensors = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    return PeftMapping(
+        peft_type="LORA",
+        tensors={**tensors, "magnitude": "lora_magnitude_vector"} if use_dora else tensors,
+        hparams={
+            "r": ("r", 8),
+            "alpha": ("lora_alpha", 8),
+            "use_rslora": ("use_rslora", False),
+            "dropout": ("lora_dropout", 0.0),
+        },
+        patterns={"r": "rank_pattern", "alpha": "alpha_pattern"},
+        select={"use_dora": use_dora},
+        fixed={"bias": "none", "init_lora_weights": True},
+        unsupported={
+            "lora_bias": False,
+            "modules_to_save": None,
+            "target_parameters": None,
+            "trainable_token_indices": None,
+            "layer_replication": None,
+            "alora_invocation_tokens": None,
+            "use_qalora": False,
+            "velora_config": None,
+            "kasa_config": None,
+            "monteclora_config": None,
+            "use_bdlora": None,
+            "megatron_config": None,
+        },
+        # peft's PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA
+        base_changing_inits=("init_lora_weights", ("pissa", "olora", "corda", "loftq", "lora_ga")),
+    )
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -56,6 +98,11 @@ class LowRankFactors(AdapterMethod):
         self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
         self.reset_parameters()
+
+    @classmethod
+    def hparams_for_rank(cls, r: int) -> dict[str, Any]:
+        """`alpha = 2r`: the scaling `alpha / r` stays 2 at every rank, so ranks differ in capacity, not step size."""
+        return {"r": r, "alpha": 2 * r}
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-uniform A (peft's default), zero B: the update starts at exactly zero."""
@@ -98,6 +145,15 @@ class LoRA(LowRankFactors):
     """LoRA with `r`, `alpha`, `dropout` and the rsLoRA scaling option."""
 
     method = "lora"
+    label = "LoRA"
+    suggest_roles = frozenset({"low_rank"})
+    peft = lora_peft_mapping(use_dora=False)
+    low_rank_target = True
+
+    @classmethod
+    def factor_hparams(cls, rank: int) -> dict[str, Any]:
+        """`alpha = r`: scaling 1, so the update is `B @ A` itself."""
+        return {"r": rank, "alpha": float(rank)}
 
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
         return self.add_lora_delta(base_out, self.dropout(x))

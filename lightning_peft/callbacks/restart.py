@@ -205,6 +205,11 @@ class JaggedCosineLR(torch.optim.lr_scheduler.LambdaLR):
         last_epoch: int = -1,
     ) -> None:
         check_schedule_args(total_steps, warmup_steps, restart_every, restart_warmup_steps, min_lr_ratio)
+        if total_steps < 1 or warmup_steps >= total_steps:
+            raise RestartError(
+                f"JaggedCosineLR: warmup_steps ({warmup_steps}) must be shorter than total_steps ({total_steps}), "
+                "which must be positive: the cosine decays over the steps after the warm-up"
+            )
         self.restart_every = restart_every
         schedule = functools.partial(
             jagged_cosine_lambda,
@@ -283,6 +288,8 @@ class MergeRestart(Callback):
             raise RestartError(f"MergeRestart(prune_ratio=...) must be in (0, 1), got {prune_ratio!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RestartError(f"MergeRestart(seed=...) must be an integer, got {seed!r}")
+        if not isinstance(track_cumulative, bool):
+            raise RestartError(f"MergeRestart(track_cumulative=...) must be true or false, got {track_cumulative!r}")
         self.every = every
         self.optimizer_reset = optimizer_reset
         self.prune_ratio = float(prune_ratio)

@@ -95,6 +95,9 @@ def inject_adapters(model: nn.Module, policy: LayerPolicy | Plan | str | Path | 
                 "The model already carries a different adapter plan; call remove_adapters() first "
                 f"({_first_difference(existing, plan)})"
             )
+        settings = {row.name: row.optim for row in plan.rows}  # optimizer settings are no part of the adapters:
+        for row in existing.rows:  # the policy given now decides them (e.g. after `restore_from_checkpoint`)
+            row.optim = settings.get(row.name, row.optim)
         return existing
     modules = _modules_by_name(model)
     _check_plan_fits(model, plan, modules)
@@ -151,6 +154,8 @@ def merge_adapters(model: nn.Module) -> None:
     the check pass discards each result and the merge pass recomputes it.
     """
     layers = [(n, layer) for n, layer in find_adapters(model) if not layer.merged]
+    for raw_name, layer in layers:
+        layer.check_mergeable(normalise_name(raw_name))  # a quantized base is refused before any layer changes
     with torch.no_grad():
         for raw_name, layer in layers:
             weight = layer.base_weight()

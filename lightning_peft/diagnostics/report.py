@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.adapters import diagnostic_names
+from lightning_peft.adapters import diagnostic_names, method_label
 
 from .metrics import CUMULATIVE_METRICS, DRIFT_METRICS, SPECTRAL_METRICS, drift_correlation
 
@@ -157,7 +157,7 @@ def heatmap_figure(rows: Sequence[Row], metric: str = "rel_norm"):
     for r in final:
         i, j = blocks.index(r["block"]), kinds.index(r["kind"])
         grid[i, j] = r[metric]
-        labels[i, j] = r["method"][0].upper()
+        labels[i, j] = method_label(r["method"])
     fig, (ax,) = _figure(width=max(4.0, 1.1 * len(kinds) + 2), height=max(3.0, 0.35 * len(blocks) + 1.5))
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", origin="lower")
     fig.colorbar(image, ax=ax, label=metric)
@@ -165,11 +165,11 @@ def heatmap_figure(rows: Sequence[Row], metric: str = "rel_norm"):
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=8)
     ax.set_xlabel("module kind")
     ax.set_ylabel("block depth")
-    if grid.size <= 400:  # method initials in the cells of small grids
+    if grid.size <= 400:  # method labels (as each method declares it) in the cells of small grids
         for (i, j), text in labels.items():
             ax.text(j, i, text, ha="center", va="center", color="white", fontsize=7)
     step = final[0]["step"] if final else 0
-    ax.set_title(f"{metric} at step {step} (L=LoRA, D=DoRA, M=MoRA, F=full)", fontsize=9)
+    ax.set_title(f"{metric} at step {step} (cells: adapter method)", fontsize=9)
     return fig
 
 

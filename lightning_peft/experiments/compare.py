@@ -16,16 +16,15 @@ records are gathered in `<out_dir>/comparison.csv` (the interchange format, see
 `curves.csv`, plus a rich table and figures (`lightning_peft.experiments.figures`).
 
 A re-run skips variants whose `record.json` says `ok` for the same base config, overrides and
-seed; a variant that fails is recorded with its error and the others still run.
+seed, and the same contents of every file or preset they name (`experiments.fingerprint`); a
+variant that fails is recorded with its error and the others still run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import re
 import shutil
 import statistics
 import time
@@ -39,12 +38,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_peft.core.io import atomic_write
+from lightning_peft.core.io import UnsafeWriteError, atomic_write, check_replaceable
 from lightning_peft.diagnostics import UpdateDiagnostics
 from lightning_peft.diagnostics.report import last_step, read_table
+from lightning_peft.experiments.errors import CompareError
 from lightning_peft.experiments.figures import comparison_table, draw_comparison
+from lightning_peft.experiments.fingerprint import fingerprint as config_fingerprint
+from lightning_peft.experiments.names import check_variant_names
 from lightning_peft.experiments.peft_cli import PeftCLI
 from lightning_peft.experiments.records import (
+    COMPARISON_FILE,
+    COMPARISON_MARKER,
     CURVES_FILE,
     DEPTH_FILE,
     RECORD_FILE,
@@ -58,6 +62,7 @@ from lightning_peft.experiments.records import (
     write_csv,
 )
 from lightning_peft.policy import LayerPolicy, PolicyError
+from lightning_peft.policy.schema import register_jsonargparse_loader
 
 __all__ = [
     "CompareError",
@@ -73,11 +78,6 @@ __all__ = [
 
 SHORTHANDS = {"policy": "adapters.policy", "lr": "model.init_args.lr", "seed": "seed_everything"}
 VARIANT_KEYS = ("name", "overrides", "rank", *SHORTHANDS)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
-
-
-class CompareError(ValueError):
-    """A comparison that cannot run as given (raised before any variant trains)."""
 
 
 # -- variants ------------------------------------------------------------------------------------
@@ -114,15 +114,8 @@ def parse_variants(entries: Sequence[Variant | Mapping[str, Any]]) -> list[Varia
     if isinstance(entries, (str, bytes, Mapping)) or not entries:
         raise CompareError("a comparison needs a non-empty list of variants")
     variants = [v if isinstance(v, Variant) else _variant_from_mapping(v, i) for i, v in enumerate(entries)]
-    seen: dict[str, int] = {}
-    for i, variant in enumerate(variants):
-        if not isinstance(variant.name, str) or not _NAME.match(variant.name):
-            raise CompareError(
-                f"variant {i}: name {variant.name!r} must be letters, digits and _.=+- (it names a directory)"
-            )
-        if variant.name in seen:
-            raise CompareError(f"variant {i}: duplicate name {variant.name!r} (also variant {seen[variant.name]})")
-        seen[variant.name] = i
+    check_variant_names([v.name for v in variants])
+    for variant in variants:
         if not isinstance(variant.overrides, Mapping) or not variant.overrides:
             raise CompareError(f"variant {variant.name!r}: names no policy and no override; it would be the base run")
         bad = [k for k in variant.overrides if not isinstance(k, str) or not k or k.startswith("-")]
@@ -423,12 +416,14 @@ def run_variant(
     out_dir: str | Path,
     seed: int | None = None,
     shared: SharedParser | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[VariantRecord, list[dict[str, float]], list[dict[str, Any]]]:
     """Fit one variant through the project's LightningCLI in this process.
 
     Returns the record, the per-validation curves and the per-(method, block) diagnostics
     summary. Any exception of the run (configuration or training) becomes a `failed` record;
     Ctrl-C and SIGTERM stop the comparison (re-raised). `shared`: a parser cache to reuse.
+    `callbacks`: more callbacks for this run (the search's pruning callback).
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -441,7 +436,7 @@ def run_variant(
         with _quiet_cli():
             cli = cli_class(
                 args=_fit_args(config, variant, out_dir, seed),
-                trainer_defaults={"callbacks": [recorder]},
+                trainer_defaults={"callbacks": [recorder, *callbacks]},
                 parser_kwargs={"exit_on_error": False},
             )
         metrics = scalar_metrics(cli.trainer.callback_metrics)
@@ -469,9 +464,9 @@ def run_variant(
 
 
 def fingerprint(config: str | Path, variant: Variant, seed: int | None) -> str:
-    """Hash of what decides a variant's run: the base config's text, the overrides, the seed."""
-    text = Path(config).read_text() + json.dumps(variant.overrides, sort_keys=True, default=str) + repr(seed)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of what decides a variant's run: the base config, the overrides, the seed, and every
+    file (policy, nested config) or preset they name (`lightning_peft.experiments.fingerprint`)."""
+    return config_fingerprint(config, variant.overrides, seed)
 
 
 def _float(value: float) -> float | None:
@@ -519,6 +514,7 @@ def _plan_runs(
     config: str | Path, variants: Sequence[Variant], out_dir: Path, seed: int | None, rerun: bool
 ) -> list[tuple[Variant, str, VariantRecord | None]]:
     """(variant, fingerprint, finished record or None) per variant; refuses folders compare did not write."""
+    check_replaceable(out_dir / COMPARISON_FILE, COMPARISON_MARKER)  # before anything trains
     plans = []
     for variant in variants:
         fp = fingerprint(config, variant, seed)
@@ -642,8 +638,8 @@ def compare_main(args: list[str]) -> int:
     from jsonargparse import CLI
 
     try:
-        records = CLI(compare, args=args)
-    except CompareError as err:
+        records = CLI(compare, args=args, parser_mode=register_jsonargparse_loader())  # YAML read as `fit` reads it
+    except (CompareError, UnsafeWriteError) as err:
         print(f"lightning-peft compare: error: {err}", file=sys.stderr)
         return 2
     failed = [r.name for r in records if r.status != "ok"]

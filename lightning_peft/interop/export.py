@@ -23,10 +23,7 @@ import contextlib
 import copy
 import inspect
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,18 +31,37 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.adapters.base import AdapterLinear, get_adapter_class, is_supported_layer, layer_shape
+from lightning_peft.adapters.base import (
+    ADAPTERS,
+    AdapterLinear,
+    get_adapter_class,
+    is_supported_layer,
+    layer_shape,
+    low_rank_target,
+)
+from lightning_peft.adapters.quantized import dequantize_model
 from lightning_peft.callbacks.adapter import restore_from_checkpoint
-from lightning_peft.core.inject import find_adapters, get_plan, inject_adapters, load_adapter_state, model_restarts
+from lightning_peft.core.inject import (
+    find_adapters,
+    get_plan,
+    inject_adapters,
+    load_adapter_state,
+    merge_adapters,
+    model_restarts,
+)
+from lightning_peft.core.io import UnsafeWriteError, check_replaceable, replace_dir_safely
 from lightning_peft.core.names import prefix_hint
+from lightning_peft.core.stored import AdapterStateError, check_state
 from lightning_peft.diagnostics.snapshot import write_snapshot
+from lightning_peft.interop.hf_classes import auto_class_name, peft_task_type
+from lightning_peft.interop.manifest import MANIFEST_FILE, adapter_folders, read_manifest
 from lightning_peft.interop.peft_format import (
-    PEFT_TENSOR_NAMES,
-    PEFT_TYPES,
     PeftFormatError,
     PeftLayer,
     adapter_config,
     group_layers,
+    hparam_suffix,
+    mapped_hparams,
     peft_state_dict,
     read_peft_config,
     read_peft_layers,
@@ -53,7 +69,6 @@ from lightning_peft.interop.peft_format import (
 )
 from lightning_peft.policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
 
-MANIFEST_FILE = "lightning_peft_export.json"
 BASE_DIR = "base"
 ROUTES = ("fold", "svd")
 
@@ -107,37 +122,20 @@ def _strip_prefix(rows: list[PlanRow], prefix: str) -> dict[str, PlanRow]:
 # -- staging: nothing half-written --------------------------------------------------------
 
 
-def check_target(target: str | Path, overwrite: bool) -> Path:
-    """Refuse a target that is a file, or a non-empty folder unless `overwrite`."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"Export target {str(target)!r} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(f"Export target {str(target)!r} exists and is not empty; pass overwrite=True (--overwrite)")
-    return target
+def check_target(target: str | Path, overwrite: bool, protected: Iterable[str | Path] = ()) -> Path:
+    """`core.io.check_replaceable` for an export folder (its manifest proves it is ours), as an `ExportError`."""
+    try:
+        return check_replaceable(target, MANIFEST_FILE, protected, overwrite)
+    except UnsafeWriteError as err:
+        raise ExportError(f"Export target: {err}") from None
 
 
 @contextlib.contextmanager
-def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to `target`; rename it into place only if the block succeeds."""
-    check_target(target, overwrite)
-    created = next((p for p in reversed(target.parents) if not p.exists()), None)  # outermost missing folder
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+def staged_folder(target: Path, overwrite: bool, protected: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """`core.io.replace_dir_safely` for an export folder, its refusals as `ExportError`s."""
+    check_target(target, overwrite, protected)
+    with replace_dir_safely(target, MANIFEST_FILE, protected, overwrite) as tmp:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-            if created is not None and not target.exists():  # a failed export leaves no new folders
-                shutil.rmtree(created, ignore_errors=True)
 
 
 # -- reports --------------------------------------------------------------------------------
@@ -196,24 +194,21 @@ def _hparams_with_defaults(row: PlanRow) -> dict[str, Any]:
     return {**defaults, **row.hparams}
 
 
+def _peft_method(method: str) -> Any:
+    """The method's peft mapping, or `None` (`full`, `none`, a method peft cannot hold)."""
+    return ADAPTERS[method].peft if method in ADAPTERS else None
+
+
 def _peft_layer(name: str, row: PlanRow, layer: AdapterLinear) -> PeftLayer:
-    names = PEFT_TENSOR_NAMES[row.method]
+    cls = get_adapter_class(row.method)
+    names = cls.peft.tensors
     state = layer.adapter.state_dict()
     unknown = sorted(set(state) - set(names))
     if unknown:
         raise ExportError(f"{row.name}: {row.method} tensors {unknown} have no place in peft's format")
-    hp = _hparams_with_defaults(row)
-    return PeftLayer(
-        name=name,
-        r=int(hp["r"]),
-        alpha=float(hp.get("alpha", hp["r"])),
-        use_dora=row.method == "dora",
-        use_rslora=bool(hp.get("use_rslora", False)),
-        dropout=float(hp.get("dropout", 0.0)),
-        fan_in_fan_out=row.layer_type != "Linear",
-        tensors={names[k]: v for k, v in state.items()},
-        peft_type=PEFT_TYPES[row.method],
-    )
+    hparams = mapped_hparams(cls, _hparams_with_defaults(row))
+    tensors = {names[k]: v for k, v in state.items()}
+    return PeftLayer(name, row.method, hparams, row.layer_type != "Linear", tensors)
 
 
 def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tuple[Any, Any]) -> dict[str, str]:
@@ -224,7 +219,7 @@ def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tu
             raise ExportError(f"routes[{method!r}] = {route!r}; choose one of {list(ROUTES)}")
     chosen, stuck = {}, []
     for name, row in rows.items():
-        route = routes.get(row.method, "peft" if row.method in PEFT_TENSOR_NAMES else None)
+        route = routes.get(row.method, "peft" if _peft_method(row.method) is not None else None)
         if route == "svd" and row.method == "full":
             raise ExportError(
                 f"{row.name}: a `full` module has no low-rank update to convert; use routes={{'full': 'fold'}}"
@@ -234,9 +229,9 @@ def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tu
         chosen[name] = route
     if stuck:
         raise ExportError(
-            f"peft's LoRA format cannot represent {len(stuck)} layer(s), e.g. {stuck[:4]}; choose a route per "
+            f"peft's format cannot represent {len(stuck)} layer(s), e.g. {stuck[:4]}; choose a route per "
             "method: routes={'<method>': 'fold'} writes them into the base weights saved beside the adapter, "
-            "'svd' converts them to LoRA (with svd_rank or svd_energy)"
+            f"'svd' converts them to {low_rank_target().label} (with svd_rank or svd_energy)"
         )
     if "svd" in chosen.values() and (svd[0] is None) == (svd[1] is None):
         raise ExportError("the 'svd' route needs exactly one of svd_rank (an int) or svd_energy (in (0, 1])")
@@ -271,12 +266,12 @@ def export_peft(
     probe: Tensor | dict[str, Tensor] | None = None,
     save_base: bool = False,
     overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
 ) -> ExportReport:
     """Write the model's adapters as HF peft adapter folder(s) (LoRA/DoRA, or HiRA); see the module docstring.
 
-    One flag set (use_dora, use_rslora, dropout, Conv1D) gives one adapter at `out` itself:
-    `PeftModel.from_pretrained(base, out)` loads it. Several give one subfolder each, loaded
-    and activated together by `load_peft_export(base, out)` (or the four lines in `out/README.md`).
+    One flag set (use_dora, use_rslora, dropout, Conv1D) gives one adapter at `out` itself; several give
+    one subfolder each, loaded together by `load_peft_export(base, out)` (or the lines in `out/README.md`).
 
     Args:
         model: a model with injected, unmerged adapters (left unchanged).
@@ -286,7 +281,8 @@ def export_peft(
         svd_rank / svd_energy: the `svd` route's rank, or the share of `||dW||_F^2` to keep.
         probe: inputs for the logit check of `svd` conversions (random token ids by default).
         save_base: also write the (unmodified) base model to `out/base/` (always done when folding).
-        overwrite: replace a non-empty `out`.
+        overwrite: replace `out` when an earlier export wrote it (its manifest proves it).
+        protected: paths `out` must not hold (the checkpoint being exported); see `core.io.check_replaceable`.
     """
     plan = _check_exportable(model)
     restarts = model_restarts(model)
@@ -301,7 +297,7 @@ def export_peft(
     _check_one_peft_type(rows, chosen)
     if (save_base or "fold" in chosen.values()) and not hasattr(hf, "save_pretrained"):
         raise ExportError(f"{type(hf).__name__} has no save_pretrained to write the base; pass submodule= naming it")
-    check_target(out, overwrite)
+    check_target(out, overwrite, protected)
     layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
     peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]
     report = ExportReport(path=str(out), format="peft", prefix=prefix)
@@ -316,7 +312,7 @@ def export_peft(
     if work is not None:
         unwrap(work, merge={n for n, r in chosen.items() if r == "fold"})
     base = work if save_base or "fold" in chosen.values() else None  # `svd` alone leaves the base as it was
-    with staged_folder(Path(out), overwrite) as tmp:
+    with staged_folder(Path(out), overwrite, protected) as tmp:
         _write_peft_folder(tmp, group_layers(peft_layers), hf, base, report)
     return report
 
@@ -327,45 +323,59 @@ def _write_peft_folder(
     """Adapters (at `folder` itself for one group, else one subfolder each), the base if given, manifest."""
     all_names = [normalise_name(n) for n, _ in hf.named_modules() if n]
     source = getattr(getattr(hf, "config", None), "_name_or_path", None) or None
+    task_type = peft_task_type(hf)
     for name, group in groups.items():
         target = folder if len(groups) == 1 else folder / name
-        write_adapter(target, adapter_config(group, all_names, source), peft_state_dict(group))
+        write_adapter(target, adapter_config(group, all_names, source, task_type), peft_state_dict(group))
         report.adapters["." if len(groups) == 1 else name] = [x.name for x in group]
     if base is not None:
         _save_pretrained(base, folder / BASE_DIR)
     _write_manifest(folder, report, base=base is not None)
+    _write_readme(folder, list(report.adapters), BASE_DIR if base is not None else source, auto_class_name(task_type))
 
 
 def _check_one_peft_type(rows: dict[str, PlanRow], chosen: dict[str, str]) -> None:
-    """One `PeftModel` holds one tuner type: HiRA and LoRA/DoRA adapters cannot be loaded together."""
-    types: dict[str, list[str]] = {}
+    """One `PeftModel` holds one tuner type: e.g. HiRA and LoRA/DoRA adapters cannot be loaded together."""
+    target = low_rank_target()
+    types: dict[str, dict[str, list[str]]] = {}  # peft type -> method -> modules
     for name, route in chosen.items():
-        if route in ("peft", "svd"):  # `svd` writes LoRA
-            types.setdefault(PEFT_TYPES[rows[name].method] if route == "peft" else "LORA", []).append(rows[name].name)
+        if route in ("peft", "svd"):  # `svd` writes the low-rank target
+            method = rows[name].method if route == "peft" else target.method
+            peft_type = get_adapter_class(method).peft.peft_type
+            types.setdefault(peft_type, {}).setdefault(method, []).append(rows[name].name)
     if len(types) > 1:
+        others = {m: n for t, methods in types.items() if t != target.peft.peft_type for m, n in methods.items()}
+        method, modules = next(iter(others.items()))
         raise ExportError(
-            f"peft loads one adapter type per model, and this plan needs HiRA ({types['HIRA'][:3]}) beside "
-            "LoRA/DoRA; choose routes={'hira': 'svd'} (HiRA as LoRA) or {'hira': 'fold'} (into the saved base)"
+            f"peft loads one adapter type per model, and this plan needs {get_adapter_class(method).label} "
+            f"({modules[:3]}) beside {target.peft.peft_type} adapters; choose routes={{'{method}': 'svd'}} "
+            f"({get_adapter_class(method).label} as {target.label}) or {{'{method}': 'fold'}} (into the saved base)"
         )
 
 
 def _write_manifest(folder: Path, report: ExportReport, base: bool) -> None:
     data = {**report.to_dict(), "base": BASE_DIR if base else None}
     (folder / MANIFEST_FILE).write_text(json.dumps(data, indent=1))
-    lines = ["# Exported by lightning-peft", "", "```python", "from peft import PeftModel"]
-    if base:
-        lines += [
-            "from transformers import AutoModel  # or AutoModelForCausalLM, ...",
-            "base = AutoModel.from_pretrained('base')",
-        ]
-    names = list(report.adapters)
+
+
+def loading_snippet(names: list[str], base: str | None, auto_class: str) -> list[str]:
+    """Python that loads the export with peft, run from inside the export folder (tests run it as written)."""
+    where = repr(base) if base else "'<the base model this adapter was trained on>'"
+    lines = ["from peft import PeftModel", f"from transformers import {auto_class}", ""]
+    lines += [f"base = {auto_class}.from_pretrained({where})"]
     if names == ["."]:
         lines += ["model = PeftModel.from_pretrained(base, '.')"]
-    elif names:
+    else:
         lines += [f"model = PeftModel.from_pretrained(base, '{names[0]}', adapter_name='{names[0]}')"]
         lines += [f"model.load_adapter('{n}', adapter_name='{n}')" for n in names[1:]]
         lines += [f"model.base_model.set_adapter({names})  # all active at once: they adapt disjoint modules"]
-    lines += ["```", "", "Or: `lightning_peft.load_peft_export(base, folder)`. Details: lightning-peft docs/export.md."]
+    return lines
+
+
+def _write_readme(folder: Path, names: list[str], base: str | None, auto_class: str) -> None:
+    lines = ["# Exported by lightning-peft", "", "Load it with HF peft, from inside this folder:", "", "```python"]
+    lines += [*loading_snippet(names, base, auto_class), "```", ""]
+    lines += ["Or: `lightning_peft.load_peft_export(base, folder)`. Details: lightning-peft docs/export.md."]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -461,24 +471,12 @@ def convert_to_lora(
         k = a.shape[0]
         err = float(torch.linalg.matrix_norm(delta.double().cpu() - b.double() @ a.double()))
         rel = err / max(float(torch.linalg.matrix_norm(delta.double())), 1e-300) if err > 0 else 0.0
-        hp = _hparams_with_defaults(rows[name])
-        lora = _lora_layer(layer, a, b, float(hp.get("dropout", 0.0)))
+        factors, hparams = {"A": a, "B": b}, _low_rank_hparams(k, _hparams_with_defaults(rows[name]))
+        lora = _low_rank_layer(layer, factors, hparams)
         diff = _swap_diff(work, raw, layer, lora, probe, reference) if reference is not None else None
         swaps.append((raw, lora))
         report.converted.append(LayerFidelity(rows[name].name, rows[name].method, k, full, kept, rel, diff))
-        tensors = {"lora_A.weight": a, "lora_B.weight": b}
-        out.append(
-            PeftLayer(
-                name,
-                k,
-                float(k),
-                False,
-                False,
-                float(hp.get("dropout", 0.0)),
-                rows[name].layer_type != "Linear",
-                tensors,
-            )
-        )
+        out.append(_converted_peft_layer(name, factors, hparams, rows[name]))
     if reference is not None and swaps:
         originals = [(raw, work.get_submodule(raw)) for raw, _ in swaps]
         for raw, lora in swaps:
@@ -489,15 +487,35 @@ def convert_to_lora(
     return out
 
 
-def _lora_layer(layer: AdapterLinear, a: Tensor, b: Tensor, dropout: float) -> AdapterLinear:
-    """A LoRA layer (scaling 1: alpha = r) over the same base, carrying the SVD factors."""
-    k = a.shape[0]
-    lora = get_adapter_class("lora")(layer.in_features, layer.out_features, r=k, alpha=k, dropout=dropout)
-    new = AdapterLinear(layer.base, lora)
-    load = {"lora_A": a, "lora_B": b}
+def _low_rank_hparams(rank: int, source_hparams: dict[str, Any]) -> dict[str, Any]:
+    """The low-rank target's hyper-parameters for rank `rank` (update exactly `B @ A`), with the source's
+    dropout when the target has one, every other one at its default."""
+    cls = low_rank_target()
+    hparams = {**_defaults(cls), **cls.factor_hparams(rank)}
+    if "dropout" in hparams and "dropout" in source_hparams:
+        hparams["dropout"] = float(source_hparams["dropout"])
+    return hparams
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def _low_rank_layer(layer: AdapterLinear, factors: dict[str, Tensor], hparams: dict[str, Any]) -> AdapterLinear:
+    """A layer of the low-rank target over the same base, its `A`/`B` role parameters set to the SVD factors."""
+    cls = low_rank_target()
+    new = AdapterLinear(layer.base, cls(layer.in_features, layer.out_features, **hparams))
     for key, value in new.adapter.state_dict().items():
-        value.copy_(load[key])
+        value.copy_(factors[cls.parameter_roles[key]])
     return new.eval()
+
+
+def _converted_peft_layer(name: str, factors: dict[str, Tensor], hparams: dict[str, Any], source: PlanRow) -> PeftLayer:
+    """The peft layer of an SVD-converted module."""
+    cls = low_rank_target()
+    tensors = {suffix: factors[cls.parameter_roles[key]] for key, suffix in cls.peft.tensors.items()}
+    return PeftLayer(name, cls.method, mapped_hparams(cls, hparams), source.layer_type != "Linear", tensors)
 
 
 def _set(model: nn.Module, raw: str, module: nn.Module) -> None:
@@ -516,11 +534,22 @@ def _swap_diff(work: nn.Module, raw: str, layer: nn.Module, new: nn.Module, prob
 # -- export merged ----------------------------------------------------------------------------
 
 
-def export_merged(model: nn.Module, out: str | Path, *, submodule: str | None = None, overwrite: bool = False) -> Path:
+def export_merged(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    submodule: str | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
+) -> Path:
     """Write a transformers `save_pretrained` folder of the merged model (no adapter wrappers).
 
     The merge and unwrap happen on a copy: `model` keeps its adapters, unmerged. A model
     whose adapters are already merged exports as is (its base weights hold the updates).
+    The merge is `merge_adapters`'s: every merged weight is checked finite in the base dtype
+    first (an fp16 overflow is refused, naming the layer), and nothing is written.
+    A quantized (QLoRA) base is dequantized first, so the folder holds plain weights in the dtype
+    the base was loaded in (fp32 or bf16).
     """
     if get_plan(model) is None:
         raise ExportError(f"{type(model).__name__} carries no lightning-peft adapters (nothing to merge)")
@@ -528,13 +557,20 @@ def export_merged(model: nn.Module, out: str | Path, *, submodule: str | None = 
     _strip_prefix(get_plan(model).rows, prefix)
     if not hasattr(hf, "save_pretrained"):
         _save_pretrained(hf, Path(out))  # raises the named error
-    check_target(out, overwrite)
+    check_target(out, overwrite, protected)
     merged = copy.deepcopy(hf)
+    for _, layer in find_adapters(merged):
+        layer.dequantize_base()  # a QLoRA base: merge into its dequantized weight (fp32 or bf16)
+    try:
+        merge_adapters(merged)
+    except AdapterStateError as err:
+        raise ExportError(f"{err}; nothing was written") from None
     for raw, layer in find_adapters(merged):
-        layer.merge()
         _set(merged, raw, layer.base)
-    with staged_folder(Path(out), overwrite) as tmp:
+    dequantize_model(merged)  # quantized layers without adapters, and the config's quantization settings
+    with staged_folder(Path(out), overwrite, protected) as tmp:
         _save_pretrained(merged, tmp)
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"format": "merged", "path": str(out)}, indent=1))
     return Path(out)
 
 
@@ -546,8 +582,7 @@ def load_peft_export(base: nn.Module, folder: str | Path, is_trainable: bool = F
     from peft import PeftModel
 
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    names = list(manifest["adapters"])
+    names = list(read_manifest(folder)["adapters"])  # every name checked to stay inside `folder`
     if names == ["."]:
         return PeftModel.from_pretrained(base, str(folder), is_trainable=is_trainable)
     model = PeftModel.from_pretrained(base, str(folder / names[0]), adapter_name=names[0], is_trainable=is_trainable)
@@ -560,6 +595,25 @@ def load_peft_export(base: nn.Module, folder: str | Path, is_trainable: bool = F
 # -- import from peft -------------------------------------------------------------------------
 
 
+def read_adapters(directory: str | Path) -> list[PeftLayer]:
+    """The layers of every adapter `directory` holds (one peft adapter, an export, peft's multi-adapter save).
+
+    Adapters that share a module are refused: peft would sum them, one of our modules holds one method.
+    """
+    seen: dict[str, Path] = {}
+    layers = []
+    for folder in adapter_folders(directory):
+        for x in read_peft_layers(folder):
+            if x.name in seen:
+                raise PeftFormatError(
+                    f"{folder}: module {x.name!r} is also adapted by {seen[x.name]}; lightning-peft holds one "
+                    "adapter per module (import the adapters one at a time into separate models)"
+                )
+            seen[x.name] = folder
+            layers.append(x)
+    return layers
+
+
 def peft_policy(source: str | Path | list[PeftLayer], prefix: str = "") -> LayerPolicy:
     """A policy that reproduces a peft adapter's layers exactly: one rule per (method, hyper-parameters).
 
@@ -567,63 +621,51 @@ def peft_policy(source: str | Path | list[PeftLayer], prefix: str = "") -> Layer
     module name (`"model."` for a LightningModule holding the HF model as `self.model`).
     Give it to `AdapterCallback` to train an imported adapter on.
     """
-    layers = read_peft_layers(source) if isinstance(source, str | Path) else source
+    layers = read_adapters(source) if isinstance(source, str | Path) else source
     groups: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
     for x in layers:
-        method = "dora" if x.use_dora else "lora"
-        hp = {"r": x.r, "alpha": x.alpha, "dropout": x.dropout, "use_rslora": x.use_rslora}
-        key = json.dumps([method, hp], sort_keys=True)
-        groups.setdefault(key, (method, hp, []))[2].append(prefix + x.name)
+        key = json.dumps([x.method, x.hparams], sort_keys=True)
+        groups.setdefault(key, (x.method, x.hparams, []))[2].append(prefix + x.name)
     rules = [
-        Rule(method=m, modules=names, hparams=hp, name=f"peft-{m}-r{hp['r']}-alpha{hp['alpha']:g}")
+        Rule(method=m, modules=names, hparams=hp, name=f"peft-{m}" + hparam_suffix(hp.items()).replace("_", "-"))
         for m, hp, names in groups.values()
     ]
     return LayerPolicy(rules=rules, strict=True)
 
 
 def import_peft(model: nn.Module, directory: str | Path, *, submodule: str | None = None) -> Plan:
-    """Inject the layers of a peft LoRA/DoRA folder into `model` and load its tensors.
+    """Inject the layers of a peft adapter folder (or an export, or peft's multi-adapter save) into
+    `model` and load its tensors.
 
     The model can then train on (under `AdapterCallback(policy=...)` or as is), or be
-    measured by the per-layer diagnostics. Everything is checked before the model changes.
+    measured by the per-layer diagnostics. Everything is checked (config fields, patterns,
+    tensor shapes, dtypes, NaN/inf) before the model changes.
 
     Raises:
-        PeftFormatError: not a LoRA/DoRA adapter (LoHa, IA3, ...), or an unsupported option.
+        PeftFormatError: not an adapter we hold (LoHa, IA3, ...), an unsupported option, or a bad file.
         ExportError: the adapter's modules are not in the model (the message suggests a prefix).
     """
-    layers = read_peft_layers(directory)
+    layers = read_adapters(directory)
     prefix, _ = resolve_submodule(model, submodule)
     if get_plan(model) is not None:
         raise ExportError("The model already carries adapters; call remove_adapters() before importing")
     modules = {normalise_name(n): m for n, m in model.named_modules() if n}
+    state = {}
     for x in layers:
         name = prefix + x.name
         if name not in modules:
             raise ExportError(
                 f"{directory}: module {name!r} is not in {type(model).__name__}." + prefix_hint(name, list(modules))
             )
-        _check_factor_shapes(name, x, modules[name])
+        state.update(_checked_tensors(name, x, modules[name], directory))
     plan = peft_policy(layers, prefix).resolve(model)
     expected = {prefix + x.name for x in layers}
     if {r.name for r in plan.rows} != expected:
         extra = sorted({r.name for r in plan.rows} - expected)
         raise ExportError(f"{directory}: module names are ambiguous in this model (also matched {extra[:4]})")
     inject_adapters(model, plan)
-    state = {}
-    for x in layers:
-        ours = {v: k for k, v in PEFT_TENSOR_NAMES["dora" if x.use_dora else "lora"].items()}
-        state.update({f"{prefix}{x.name}.adapter.{ours[k]}": v for k, v in x.tensors.items()})
     load_adapter_state(model, state)
     return plan
-
-
-AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-}
 
 
 def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_class: str | None = None) -> Path:
@@ -636,8 +678,8 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
     """
     import transformers
 
-    config = read_peft_config(adapter)
-    name = auto_class or AUTO_CLASSES.get(str(config.get("task_type")), "AutoModel")
+    config = read_peft_config(adapter_folders(adapter)[0])
+    name = auto_class or auto_class_name(config.get("task_type"))
     if not hasattr(transformers, name):
         raise ExportError(f"auto_class {name!r} is not a transformers class")
     if not Path(base).is_dir():
@@ -652,17 +694,23 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
     return write_snapshot(model, out)
 
 
-def _check_factor_shapes(name: str, x: PeftLayer, module: nn.Module) -> None:
-
+def _checked_tensors(name: str, x: PeftLayer, module: nn.Module, directory: str | Path) -> dict[str, Tensor]:
+    """`x`'s tensors under our state-dict keys, checked like every stored state (core/stored.py): each
+    present, of the shape the layer and hyper-parameters need, a float dtype, and finite."""
     if not is_supported_layer(module):
-        raise ExportError(f"module {name!r} is a {type(module).__name__}; LoRA layers wrap Linear/Conv1D")
+        raise ExportError(f"module {name!r} is a {type(module).__name__}; adapters wrap Linear/Conv1D")
     in_f, out_f = layer_shape(module)
-    want = {"lora_A.weight": (x.r, in_f), "lora_B.weight": (out_f, x.r), "lora_magnitude_vector": (out_f,)}
-    for key, tensor in x.tensors.items():
-        if tuple(tensor.shape) != want[key]:
-            raise ExportError(
-                f"{name}.{key}: stored shape {tuple(tensor.shape)}, the {in_f}->{out_f} layer needs {want[key]}"
-            )
+    cls = get_adapter_class(x.method)
+    with torch.device("meta"):
+        live = cls(in_f, out_f, **x.hparams).state_dict()
+    ours = {suffix: key for key, suffix in cls.peft.tensors.items()}
+    stored = {f"{name}.adapter.{ours[k]}": v for k, v in x.tensors.items()}
+    expected = {f"{name}.adapter.{k}": v for k, v in live.items()}
+    try:
+        check_state(stored, expected, f"{directory} ({x.method} adapter of {name!r})", exact_keys=True)
+    except AdapterStateError as err:
+        raise PeftFormatError(str(err)) from None
+    return stored
 
 
 __all__ = [
@@ -697,7 +745,8 @@ def export_checkpoint(
 
     if format not in ("peft", "merged"):
         raise ExportError(f"format must be 'peft' or 'merged', got {format!r}")
-    check_target(out, bool(options.get("overwrite", False)))
+    options["protected"] = [ckpt_path, *options.get("protected", ())]  # never write over the source
+    check_target(out, bool(options.get("overwrite", False)), options["protected"])
     restore_from_checkpoint(model, ckpt_path)  # weights_only=True; the stored plan and tensors are checked
     if format == "merged":
         return export_merged(model, out, **options)

@@ -1,15 +1,14 @@
-"""HF peft's LoRA adapter folder format: what our LoRA/DoRA layers become, and back.
+"""HF peft's adapter folder format: what our layers become, and back, as each method declares it.
 
-A peft LoRA folder is `adapter_config.json` (a `LoraConfig`) plus `adapter_model.safetensors`
-with keys `base_model.model.<module>.lora_A.weight` `(r, in)`, `....lora_B.weight` `(out, r)`
-and, for DoRA, `....lora_magnitude_vector` `(out,)` (peft's `get_peft_model_state_dict`).
-One `LoraConfig` holds one value of `use_dora`, `use_rslora`, `lora_dropout` and
-`fan_in_fan_out` for all its modules; ranks and alphas vary per module through
-`rank_pattern` / `alpha_pattern` (regexes matched as `(.*\\.)?(<key>)$`, peft's
-`get_pattern_key`). A plan whose rows disagree on those flags therefore becomes several
-adapters with disjoint `target_modules`, which peft activates together
-(`base_model.set_adapter([...])`); see docs/export.md. HiRA goes to peft's HiRA tuner
-(`....hira_A`, `....hira_B`), one config per rank.
+A peft adapter folder is `adapter_config.json` (a `LoraConfig`, `HiraConfig`, ...) plus
+`adapter_model.safetensors` with keys `base_model.model.<module>.<suffix>`. Each method's
+`AdapterMethod.peft` (a `PeftMapping`, see lightning_peft/adapters/base.py) says which tuner
+holds it, its tensor suffixes, which config fields carry its hyper-parameters, and which of
+them vary per module through patterns (`rank_pattern`, `alpha_pattern`: regexes matched as
+`(.*\\.)?(<key>)$`, peft's `get_pattern_key`). One config holds one value of every other
+field, so a plan whose rows disagree on one becomes several adapters with disjoint
+`target_modules`, which peft activates together (`base_model.set_adapter([...])`); see
+docs/export.md. This module names no method: it reads the mappings.
 
 This module knows names and layouts only; it never imports peft (an optional dependency).
 """
@@ -25,75 +24,75 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_peft.adapters.base import AdapterMethod, PeftMapping, get_adapter_class, peft_methods
+from lightning_peft.interop.patterns import PatternError, compile_pattern, pattern_value
+from lightning_peft.policy import PolicyError, check_method_hparams
+from lightning_peft.policy.schema import signature_types
+
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
-# Our adapter state-dict key -> peft's key suffix, for the methods peft's LoRA tuner represents exactly.
-PEFT_TENSOR_NAMES: dict[str, dict[str, str]] = {
-    "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
-    "dora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
-    "hira": {"hira_A": "hira_A", "hira_B": "hira_B"},  # peft's HiRA tuner (`HiraConfig`, W0 ⊙ BA)
-}
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "hira": "HIRA"}
-# LoraConfig fields whose non-default values change the math or the targets in ways our layers
-# do not reproduce: importing an adapter that sets one is an error naming the field.
-UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
-    "lora_bias": False,
-    "modules_to_save": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "layer_replication": None,
-    "alora_invocation_tokens": None,
-    "use_qalora": False,
-    "velora_config": None,
-    "kasa_config": None,
-    "monteclora_config": None,
-    "use_bdlora": None,
-    "megatron_config": None,
-}
-
-# Initialisations that rewrite the base weights (peft's PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA).
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class PeftFormatError(ValueError):
     """A peft adapter folder we cannot read, or a layer peft's format cannot hold."""
 
 
+def peft_mapping(method: str) -> PeftMapping:
+    """The registered method's peft mapping; `PeftFormatError` when it declares none."""
+    mapping = get_adapter_class(method).peft
+    if mapping is None:
+        raise PeftFormatError(f"method {method!r} has no HF peft equivalent")
+    return mapping
+
+
 @dataclass
 class PeftLayer:
-    """One module's LoRA/DoRA factors in peft's terms (name relative to the model peft wraps)."""
+    """One module's adapter in peft's terms (name relative to the model peft wraps)."""
 
     name: str
-    r: int
-    alpha: float
-    use_dora: bool
-    use_rslora: bool
-    dropout: float
+    method: str
+    hparams: dict[str, Any]  # the hyper-parameters the method's mapping writes, keyed by our names
     fan_in_fan_out: bool
     tensors: dict[str, Tensor] = field(default_factory=dict)  # peft key suffix -> tensor
-    peft_type: str = "LORA"
 
-    def group_key(self) -> tuple[str, bool, bool, float, bool, int | None]:
-        """The flags one peft config can hold only once (HiRA: also the rank, its rank_pattern is not honoured)."""
-        rank = self.r if self.peft_type == "HIRA" else None
-        return (self.peft_type, self.use_dora, self.use_rslora, self.dropout, self.fan_in_fan_out, rank)
+    @property
+    def mapping(self) -> PeftMapping:
+        return peft_mapping(self.method)
+
+    def group_key(self) -> tuple[Any, ...]:
+        """What one peft config can hold only once: the method, every hyper-parameter without a pattern, Conv1D."""
+        shared = tuple((k, self.hparams[k]) for k in self.mapping.hparams if k not in self.mapping.patterns)
+        return (self.method, shared, self.fan_in_fan_out)
 
 
-def group_name(key: tuple[str, bool, bool, float, bool, int | None]) -> str:
-    """A readable adapter name for one group of flags, e.g. `dora`, `lora_rslora`, `lora_dropout0.1`, `hira_r8`."""
-    peft_type, use_dora, use_rslora, dropout, fan_in_fan_out, rank = key
-    name = f"hira_r{rank}" if peft_type == "HIRA" else "dora" if use_dora else "lora"
-    name += "_rslora" if use_rslora else ""
-    name += f"_dropout{dropout:g}" if dropout else ""
-    return name + ("_conv1d" if fan_in_fan_out else "")
+def hparam_suffix(items: Iterable[tuple[str, Any]]) -> str:
+    """`_rslora_dropout0p1`: `_<flag>` per true flag (`use_` dropped), `_<name><value>` per non-zero number."""
+    out = ""
+    for key, value in items:
+        if isinstance(value, bool):
+            out += f"_{key.removeprefix('use_')}" if value else ""
+        elif value:
+            out += f"_{key}{value:g}".replace(".", "p")  # peft adapter names are module names: no "."
+    return out
+
+
+def group_name(layer: PeftLayer) -> str:
+    """A readable adapter name for one group, e.g. `dora`, `lora_rslora`, `lora_dropout0p1`, `hira_r8`.
+
+    A name inside the tuner's prefix (`lora` in `lora_`) gets `_adapter` appended: peft warns
+    about such names and may re-initialise their weights.
+    """
+    method, shared, fan_in_fan_out = layer.group_key()
+    name = method + hparam_suffix(shared) + ("_conv1d" if fan_in_fan_out else "")
+    return name + "_adapter" if name in layer.mapping.prefix else name
 
 
 def group_layers(layers: Iterable[PeftLayer]) -> dict[str, list[PeftLayer]]:
-    """Layers split into the fewest `LoraConfig`s (one per distinct flag set), in first-seen order."""
+    """Layers split into the fewest peft configs (one per distinct group key), in first-seen order."""
     groups: dict[str, list[PeftLayer]] = {}
     for layer in layers:
-        groups.setdefault(group_name(layer.group_key()), []).append(layer)
+        groups.setdefault(group_name(layer), []).append(layer)
     return groups
 
 
@@ -112,62 +111,38 @@ def _target_modules(names: list[str], all_module_names: Iterable[str]) -> list[s
     return list(names)
 
 
-def hira_config(
-    layers: list[PeftLayer], all_module_names: Iterable[str], base_model_name_or_path: str | None
-) -> dict[str, Any]:
-    """The `adapter_config.json` of one HiRA group (one rank: peft 0.21 does not apply HiRA's rank_pattern)."""
-    return {
-        "peft_type": "HIRA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True,
-        "r": layers[0].r,
-        "hira_dropout": layers[0].dropout,
-        "fan_in_fan_out": layers[0].fan_in_fan_out,
-        "init_weights": True,
-        "target_modules": _target_modules([x.name for x in layers], all_module_names),
-        "rank_pattern": {},
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
-
-
 def adapter_config(
-    layers: list[PeftLayer], all_module_names: Iterable[str], base_model_name_or_path: str | None
+    layers: list[PeftLayer],
+    all_module_names: Iterable[str],
+    base_model_name_or_path: str | None,
+    task_type: str | None = None,
 ) -> dict[str, Any]:
-    """The `adapter_config.json` mapping of one group, for its peft type."""
-    build = hira_config if layers[0].peft_type == "HIRA" else lora_config
-    return build(layers, all_module_names, base_model_name_or_path)
-
-
-def lora_config(
-    layers: list[PeftLayer], all_module_names: Iterable[str], base_model_name_or_path: str | None
-) -> dict[str, Any]:
-    """The `adapter_config.json` mapping of one group (all layers share `group_key()`)."""
-    _, use_dora, use_rslora, dropout, fan_in_fan_out, _ = layers[0].group_key()
-    r = _most_common([x.r for x in layers])
-    alpha = _most_common([x.alpha for x in layers])
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
+    """The `adapter_config.json` mapping of one group (all layers share `group_key()`), as its mapping says."""
+    mapping = layers[0].mapping
+    config: dict[str, Any] = {
+        "peft_type": mapping.peft_type,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "use_rslora": use_rslora,
-        "use_dora": use_dora,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "init_lora_weights": True,
-        "target_modules": _target_modules([x.name for x in layers], all_module_names),
-        "rank_pattern": {re.escape(x.name): x.r for x in layers if x.r != r},
-        "alpha_pattern": {re.escape(x.name): x.alpha for x in layers if x.alpha != alpha},
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        **mapping.select,
+        **mapping.fixed,
     }
+    for key, (config_field, _) in mapping.hparams.items():
+        values = [x.hparams[key] for x in layers]
+        config[config_field] = _most_common(values)
+        if key in mapping.patterns:
+            common = config[config_field]
+            config[mapping.patterns[key]] = {
+                re.escape(x.name): x.hparams[key] for x in layers if x.hparams[key] != common
+            }
+    config.update(
+        fan_in_fan_out=layers[0].fan_in_fan_out,
+        target_modules=_target_modules([x.name for x in layers], all_module_names),
+        modules_to_save=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+    return config
 
 
 def peft_state_dict(layers: list[PeftLayer]) -> dict[str, Tensor]:
@@ -191,52 +166,114 @@ def write_adapter(directory: Path, config: dict[str, Any], state: dict[str, Tens
 # -- reading ------------------------------------------------------------------------------
 
 
-def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """peft's `get_pattern_key` lookup: the first key matching `(.*\\.)?(<key>)$` wins."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def read_peft_config(directory: str | Path) -> dict[str, Any]:
-    """Read and check `adapter_config.json`: LoRA (or DoRA) only; named errors otherwise."""
+    """Read and check `adapter_config.json` of one adapter folder; named errors (file and field) otherwise."""
     path = Path(directory) / PEFT_CONFIG_FILE
     if not path.is_file():
         raise PeftFormatError(f"{path} is missing: {directory} is not a peft adapter folder")
     try:
         config = json.loads(path.read_text())
-    except ValueError as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise PeftFormatError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise PeftFormatError(f"{path}: expected a JSON object")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise PeftFormatError(
-            f"{path}: peft_type {peft_type!r} is not supported; lightning-peft imports LORA adapters "
-            "(with or without use_dora), not LoHa, LoKr, IA3, AdaLoRA, prompt tuning, ..."
-        )
-    for key, default in UNSUPPORTED_LORA_FIELDS.items():
+    cls = config_method(config, path)
+    mapping = cls.peft
+    assert mapping is not None
+    for key, default in mapping.unsupported.items():
         value = config.get(key, default)
         if value not in (default, [], {}, None, False):
-            raise PeftFormatError(f"{path}: `{key}: {value!r}` is not supported by lightning-peft's LoRA/DoRA layers")
-    init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(BASE_CHANGING_INITS):
-        raise PeftFormatError(
-            f"{path}: `init_lora_weights: {init}` changes the base weights, so the adapter is relative to a "
-            "modified base; convert it to plain LoRA with peft first "
-            "(save_pretrained(path_initial_model_for_weight_conversion=...))"
-        )
+            raise PeftFormatError(f"{path}: `{key}: {value!r}` is not supported by lightning-peft's {cls.label} layers")
+    if mapping.base_changing_inits is not None:
+        init_field, refused = mapping.base_changing_inits
+        init = str(config.get(init_field, True)).lower()
+        if init.startswith(refused):
+            raise PeftFormatError(
+                f"{path}: `{init_field}: {init}` changes the base weights, so the adapter is relative to a "
+                "modified base; convert it to a plain adapter with peft first "
+                "(save_pretrained(path_initial_model_for_weight_conversion=...))"
+            )
+    try:
+        check_config_patterns(config, mapping, path)
+    except PatternError as err:
+        raise PeftFormatError(str(err)) from None
     return config  # `layers_to_transform` & co. need no support: the adapted modules are read from the weights
 
 
+def config_method(config: dict[str, Any], path: Path) -> type[AdapterMethod]:
+    """The registered method a peft config describes: its tuner type and `select` fields (type-checked)."""
+    peft_type = config.get("peft_type")
+    candidates = [cls for cls in peft_methods() if cls.peft.peft_type == peft_type]  # type: ignore[union-attr]
+    if not candidates:
+        types = sorted({cls.peft.peft_type for cls in peft_methods()})  # type: ignore[union-attr]
+        raise PeftFormatError(
+            f"{path}: peft_type {peft_type!r} is not supported; lightning-peft imports {types} adapters, "
+            "not LoHa, LoKr, IA3, AdaLoRA, prompt tuning, ..."
+        )
+    for cls in candidates:
+        for key, value in cls.peft.select.items():  # type: ignore[union-attr]
+            if key in config and type(config[key]) is not type(value):
+                raise PeftFormatError(f"{path}: `{key}: {config[key]!r}` must be a {type(value).__name__}")
+    for cls in candidates:
+        if all(config.get(k, False) == v for k, v in cls.peft.select.items()):  # type: ignore[union-attr]
+            return cls
+    raise PeftFormatError(f"{path}: no registered method matches this {peft_type} config")
+
+
+def check_config_patterns(config: dict[str, Any], mapping: PeftMapping, path: Path) -> None:
+    """Every regex of the config compiles, and pattern fields are mappings; errors name the file and field."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        compile_pattern(targets, f"{path}: target_modules")
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise PeftFormatError(f"{path}: target_modules must be a regex string or a list of names, got {targets!r}")
+    for pattern_field in mapping.patterns.values():
+        patterns = config.get(pattern_field) or {}
+        if not isinstance(patterns, dict):
+            raise PeftFormatError(f"{path}: {pattern_field} must be a mapping of regex -> value, got {patterns!r}")
+        for key in patterns:
+            compile_pattern(key, f"{path}: {pattern_field} key")
+
+
+def mapped_hparams(cls: type[AdapterMethod], hparams: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters the method's mapping carries, floats as floats (`alpha: 8` -> `8.0`)."""
+    assert cls.peft is not None
+    types = signature_types(cls.__init__)
+    return {k: float(hparams[k]) if types.get(k) is float else hparams[k] for k in cls.peft.hparams}
+
+
+def layer_hparams(config: dict[str, Any], cls: type[AdapterMethod], name: str, path: Path) -> dict[str, Any]:
+    """The hyper-parameters peft gives module `name` under `config` (patterns first, then the field, then
+    peft's default), type-checked as the method's signature says; errors name the file and the field."""
+    mapping = cls.peft
+    assert mapping is not None
+    hparams = {}
+    for key, (config_field, default) in mapping.hparams.items():
+        value = config.get(config_field, default)
+        if key in mapping.patterns:
+            value = pattern_value(
+                config.get(mapping.patterns[key]) or {}, name, value, f"{path}: {mapping.patterns[key]}"
+            )
+        hparams[key] = value
+    try:
+        check_method_hparams(cls.method, hparams)
+    except PolicyError as err:
+        fields = {k: f for k, (f, _) in mapping.hparams.items()}
+        culprit = next((fields[k] for k in fields if f"`{k}`" in str(err)), "?")
+        raise PeftFormatError(f"{path}: field `{culprit}` (module {name!r}): {err}") from None
+    return mapped_hparams(cls, hparams)
+
+
 def read_peft_layers(directory: str | Path) -> list[PeftLayer]:
-    """The layers of a peft LoRA/DoRA folder, with the rank/alpha each module actually has."""
+    """The layers of one peft adapter folder, with the hyper-parameters each module actually has."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config = read_peft_config(directory)
+    cls = config_method(config, directory / PEFT_CONFIG_FILE)
+    mapping = cls.peft
+    assert mapping is not None
     path = directory / PEFT_WEIGHTS_FILE
     if not path.is_file():
         raise PeftFormatError(f"{path} is missing (only safetensors adapter files are read, never pickles)")
@@ -244,33 +281,27 @@ def read_peft_layers(directory: str | Path) -> list[PeftLayer]:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise PeftFormatError(f"{path}: truncated or corrupted safetensors file ({err})") from None
-    use_dora = bool(config.get("use_dora", False))
-    suffixes = PEFT_TENSOR_NAMES["dora" if use_dora else "lora"]
+    suffixes = list(mapping.tensors.values())
     by_module: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
-        suffix = next((s for s in suffixes.values() if key.endswith("." + s)), None)
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if suffix is None or not key.startswith(PEFT_KEY_PREFIX):
-            raise PeftFormatError(f"{path}: unexpected tensor {key!r} for a {'DoRA' if use_dora else 'LoRA'} adapter")
+            raise PeftFormatError(f"{path}: unexpected tensor {key!r} for a {cls.label} adapter")
         by_module.setdefault(key[len(PEFT_KEY_PREFIX) : -len(suffix) - 1], {})[suffix] = tensor
     layers = []
+    config_path = directory / PEFT_CONFIG_FILE
+    fan_in_fan_out = config.get("fan_in_fan_out", False)
+    if not isinstance(fan_in_fan_out, bool):
+        raise PeftFormatError(f"{config_path}: `fan_in_fan_out: {fan_in_fan_out!r}` must be a bool")
     for name, tensors in by_module.items():
-        missing = sorted(set(suffixes.values()) - set(tensors))
+        missing = sorted(set(suffixes) - set(tensors))
         if missing:
             raise PeftFormatError(f"{path}: module {name!r} lacks {missing}")
-        r = int(tensors["lora_A.weight"].shape[0])
-        alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        layers.append(
-            PeftLayer(
-                name=name,
-                r=r,
-                alpha=float(alpha),
-                use_dora=use_dora,
-                use_rslora=bool(config.get("use_rslora", False)),
-                dropout=float(config.get("lora_dropout", 0.0)),
-                fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-                tensors=tensors,
-            )
-        )
+        try:
+            hparams = layer_hparams(config, cls, name, config_path)
+        except PatternError as err:
+            raise PeftFormatError(str(err)) from None
+        layers.append(PeftLayer(name, cls.method, hparams, fan_in_fan_out, tensors))
     if not layers:
-        raise PeftFormatError(f"{path} holds no LoRA tensors")
+        raise PeftFormatError(f"{path} holds no {cls.label} tensors")
     return layers
