@@ -84,14 +84,25 @@ def full(model: nn.Module) -> nn.Module:
     return model
 
 
-def configurations(r: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
+def dora_before(r: int) -> Callable[[nn.Module], nn.Module]:
+    """Our DoRA with the training forward it had before the fast-norm work (benchmarks/dora_before.py)."""
+
+    def apply(model: nn.Module) -> nn.Module:
+        from dora_before import use_dora_before  # benchmarks/ is on sys.path when this file runs
+
+        return use_dora_before(ours(uniform("dora", r=r, alpha=2 * r))(model))
+
+    return apply
+
+
+def configurations(r: int, with_dora_before: bool = False) -> dict[str, Callable[[nn.Module], nn.Module]]:
     hybrid = {
         "rules": [
             {"method": "mora", "modules": TARGETS, "depth": {"outer": 1}, "hparams": {"r": r, "mora_type": "rope"}},
             {"method": "dora", "modules": TARGETS, "depth": {"inner": 1}, "hparams": {"r": r, "alpha": 2 * r}},
         ]
     }
-    return {
+    configs = {
         "floor (frozen base)": floor,
         "full fine-tuning": full,
         "peft LoRA": peft_method(False, r),
@@ -102,6 +113,21 @@ def configurations(r: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
         "ours MoRA rope": ours(uniform("mora", r=r, mora_type="rope")),
         "ours hybrid (MoRA outer, DoRA inner)": ours(hybrid),
     }
+    if with_dora_before:
+        configs["ours DoRA (before)"] = dora_before(r)
+    return configs
+
+
+def selected(args: argparse.Namespace) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """The configurations to run: all, or the floor plus those named in `--only` (exact names)."""
+    configs = configurations(args.r, args.dora_before)
+    if not args.only:
+        return configs
+    names = ["floor (frozen base)", *(n.strip() for n in args.only.split(",") if n.strip())]
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise SystemExit(f"--only: unknown configuration(s) {unknown}; choose from {list(configs)}")
+    return {n: configs[n] for n in dict.fromkeys(names)}
 
 
 @dataclass
@@ -124,6 +150,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+clock = time.perf_counter  # `--clock process`: CPU seconds of this process, robust to other load on a shared CPU
+
+
 def time_interleaved(
     runners: list[Runner], step: Callable[[Runner, torch.Tensor], None], batch: torch.Tensor, rounds: int, device: str
 ) -> dict[str, list[float]]:
@@ -132,10 +162,10 @@ def time_interleaved(
     for _ in range(rounds):
         for runner in runners:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             step(runner, batch)
             sync(device)
-            times[runner.name].append(time.perf_counter() - start)
+            times[runner.name].append(clock() - start)
     return times
 
 
@@ -171,11 +201,15 @@ def eval_forward(runner: Runner, batch: torch.Tensor) -> None:
 
 def rss_peak(name: str, args: argparse.Namespace) -> float:
     """Training RSS (MiB above the built model) of a fresh process running one configuration."""
-    cmd = [sys.executable, __file__, "--rss-child", name] + [
-        f"--{k}={v}"
-        for k, v in vars(args).items()
-        if k in ("hidden", "intermediate", "layers", "heads", "seq", "batch", "vocab", "r")
-    ]
+    cmd = (
+        [sys.executable, __file__, "--rss-child", name]
+        + [
+            f"--{k}={v}"
+            for k, v in vars(args).items()
+            if k in ("hidden", "intermediate", "layers", "heads", "seq", "batch", "vocab", "r")
+        ]
+        + (["--dora-before"] if args.dora_before else [])
+    )
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -187,7 +221,8 @@ def rss_child(args: argparse.Namespace) -> None:
     process = psutil.Process()
     base = build_base(args)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    runner = make_runner(args.rss_child, configurations(args.r)[args.rss_child], base, "cpu", torch.float32)
+    apply = configurations(args.r, args.dora_before)[args.rss_child]
+    runner = make_runner(args.rss_child, apply, base, "cpu", torch.float32)
     del base
     resting = process.memory_info().rss
     peak = resting
@@ -218,16 +253,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rss", action="store_true", help="also measure peak RSS per config in subprocesses")
     parser.add_argument("--json", default=None, help="write raw results here")
+    parser.add_argument("--only", default="", help="comma-separated configuration names (the floor always runs)")
+    parser.add_argument("--dora-before", action="store_true", help="add our DoRA's pre-fast-norm forward")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or process CPU time")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args)
         return
+    global clock
+    clock = CLOCKS[args.clock]
     dtype = getattr(torch, args.dtype)
     base = build_base(args)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     batch = batch.to(args.device)
-    runners = [make_runner(n, f, base, args.device, dtype) for n, f in configurations(args.r).items()]
+    runners = [make_runner(n, f, base, args.device, dtype) for n, f in selected(args).items()]
     for _ in range(args.warmup):
         for runner in runners:
             train_step(runner, batch)
@@ -269,16 +312,48 @@ def measure_merged(runners: list[Runner], batch: torch.Tensor, args: argparse.Na
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def same_run_ratios(med: dict, memory: dict, rss: dict, cuda_peak: dict) -> dict[str, float]:
+    """The targets' ratios, for those whose configurations ran."""
+    pairs = {
+        "ours LoRA / peft LoRA (target <= 1.00)": (med, "ours LoRA", "peft LoRA"),
+        "ours DoRA / peft DoRA (target <= 0.85)": (med, "ours DoRA", "peft DoRA"),
+        "ours DoRA / peft DoRA saved activations (target <= 1.00)": (memory, "ours DoRA", "peft DoRA"),
+        "ours MoRA sharing / ours LoRA (target <= 1.10)": (med, "ours MoRA sharing", "ours LoRA"),
+        "ours MoRA rope / ours LoRA (target <= 1.30)": (med, "ours MoRA rope", "ours LoRA"),
+        "ours DoRA / peft DoRA training RSS (target <= 1.00)": (rss, "ours DoRA", "peft DoRA"),
+        "ours DoRA / peft DoRA peak CUDA (target <= 1.00)": (cuda_peak, "ours DoRA", "peft DoRA"),
+    }
+    return {k: d[a] / d[b] for k, (d, a, b) in pairs.items() if a in d and b in d}
+
+
+def overhead_lines(times: dict[str, list[float]], floor_name: str) -> list[str]:
+    """`(X - ours LoRA) / floor` per interleaved round, for each DoRA variant: median and min-max."""
+    if "ours LoRA" not in times:
+        return []
+    lines = ["", "| extra over ours LoRA, in floors (per round) | median | min-max |", "| --- | ---: | ---: |"]
+    for name in ("ours DoRA", "ours DoRA (before)", "peft DoRA"):
+        if name in times:
+            per_round = [
+                (x - lora) / fl for x, lora, fl in zip(times[name], times["ours LoRA"], times[floor_name], strict=True)
+            ]
+            lines.append(
+                f"| {name} - ours LoRA (target <= 0.03 for ours DoRA) | {statistics.median(per_round):.3f} | "
+                f"{min(per_round):.3f} to {max(per_round):.3f} |"
+            )
+    return lines
+
+
 def report(runners, times, eval_times, merged_times, memory, cuda_peak, rss, args) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     spread = {k: (min(v), max(v)) for k, v in times.items()}
     ev = {k: statistics.median(v) for k, v in eval_times.items()}
     floor_name = "floor (frozen base)"
-    peft_of = {"ours LoRA": "peft LoRA", "ours DoRA": "peft DoRA"}
+    peft_of = {"ours LoRA": "peft LoRA", "ours DoRA": "peft DoRA", "ours DoRA (before)": "peft DoRA"}
+    peft_of = {k: v for k, v in peft_of.items() if v in med}
     lines = [
         f"Model: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"seq {args.seq}, batch {args.batch}, vocab {args.vocab}, r={args.r}, {args.device} {args.dtype}; "
-        f"{args.rounds} interleaved rounds after {args.warmup} warm-up rounds.",
+        f"{args.rounds} interleaved rounds after {args.warmup} warm-up rounds; {args.clock} clock.",
         "",
         "| configuration | trainable | step ms (median) | min-max | x floor | x peft same method | eval fwd ms"
         " (unmerged) | eval fwd ms (merged) | saved activations MiB |"
@@ -301,19 +376,10 @@ def report(runners, times, eval_times, merged_times, memory, cuda_peak, rss, arg
         if rss:
             row += f" {rss[n]:.0f} |"
         lines.append(row)
-    ratios = {
-        "ours LoRA / peft LoRA (target <= 1.00)": med["ours LoRA"] / med["peft LoRA"],
-        "ours DoRA / peft DoRA (target <= 0.85)": med["ours DoRA"] / med["peft DoRA"],
-        "ours DoRA / peft DoRA saved activations (target <= 1.00)": memory["ours DoRA"] / memory["peft DoRA"],
-        "ours MoRA sharing / ours LoRA (target <= 1.10)": med["ours MoRA sharing"] / med["ours LoRA"],
-        "ours MoRA rope / ours LoRA (target <= 1.30)": med["ours MoRA rope"] / med["ours LoRA"],
-    }
-    if rss:
-        ratios["ours DoRA / peft DoRA training RSS (target <= 1.00)"] = rss["ours DoRA"] / rss["peft DoRA"]
-    if cuda_peak:
-        ratios["ours DoRA / peft DoRA peak CUDA (target <= 1.00)"] = cuda_peak["ours DoRA"] / cuda_peak["peft DoRA"]
+    ratios = same_run_ratios(med, memory, rss, cuda_peak)
     lines += ["", "| ratio (same run) | measured |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += overhead_lines(times, floor_name)
     import lightning
     import peft
     import transformers

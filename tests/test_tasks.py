@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import lightning as L
@@ -275,7 +276,9 @@ def test_uuid_fit_reduces_loss_and_validates():
 
     trainer = _trainer(1, limit_val_batches=1.0)
     (metrics,) = trainer.validate(model, datamodule=dm, verbose=False)
-    assert set(metrics) == {"val_loss", "val_char_acc", "val_exact_match"}
+    assert set(metrics) == {"val_loss", "val_ppl", "val_char_acc", "val_exact_match"}
+    # every UUID example has the same number of trained tokens: the token-weighted perplexity is exp(mean loss)
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-4)
     assert 0.0 <= metrics["val_char_acc"] <= 1.0 and 0.0 <= metrics["val_exact_match"] <= 1.0
     (tested,) = trainer.test(model, datamodule=dm, verbose=False)
     assert tested["test_char_acc"] == pytest.approx(metrics["val_char_acc"])

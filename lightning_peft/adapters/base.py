@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .quantized import check_mergeable, dequantized_linear, dequantized_weight, is_quantized, quantized_layer_types
+
 try:  # GPT-2 style layers store their weight as (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -299,7 +301,9 @@ def diagnostic_names() -> tuple[str, ...]:
 
 
 def supported_layer_types() -> tuple[type, ...]:
-    return (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
+    """`nn.Linear`, GPT-2's `Conv1D`, and bitsandbytes' 4-/8-bit linears once bitsandbytes is imported."""
+    plain = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
+    return plain + quantized_layer_types()
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -361,10 +365,28 @@ class AdapterLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base.bias
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is a bitsandbytes 4-/8-bit layer (QLoRA; `adapters/quantized.py`)."""
+        return is_quantized(self.base)
+
     def base_weight(self) -> Tensor:
-        """The base weight in `(out, in)` layout (a view; Conv1D is transposed)."""
+        """The base weight in `(out, in)` layout: a view (Conv1D transposed), or for a quantized base a new
+        dense tensor of the dequantized weight, which every method and diagnostic reads as `W0`."""
+        if self.quantized:
+            return dequantized_weight(self.base)
         w = self.base.weight
         return w.t() if self.fan_in_fan_out else w
+
+    def check_mergeable(self, name: str = "") -> None:
+        """Refuse merging into a quantized base (raises `QuantizationError` naming `name`)."""
+        check_mergeable(self.base, name or f"{self.in_features}->{self.out_features} {self.method} layer")
+
+    @torch.no_grad()
+    def dequantize_base(self, dtype: torch.dtype | None = None) -> None:
+        """Replace a quantized base by a plain `nn.Linear` holding its dequantized weight (a merged export)."""
+        if self.quantized:
+            self.base = dequantized_linear(self.base, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         base_out = self.base(x)
@@ -385,6 +407,7 @@ class AdapterLinear(nn.Module):
 
     @property
     def adapter_dtype(self) -> torch.dtype:
+        """The dtype W0 is read in: fp32 for half-precision and quantized bases (their stored dtype is an integer)."""
         return adapter_param_dtype(self.base.weight.dtype)
 
     @torch.no_grad()
@@ -392,6 +415,7 @@ class AdapterLinear(nn.Module):
         """Fold the adapter into the base weight; a second call is a no-op."""
         if self.merged:
             return
+        self.check_mergeable()
         w = self.base_weight()
         merged = self.adapter.merge_weight(w.to(self.adapter_dtype))
         if not torch.isfinite(merged).all():
@@ -404,6 +428,7 @@ class AdapterLinear(nn.Module):
         """The base weight with this cycle's update folded in, in the base dtype (checked finite)."""
         if self.merged:
             raise ValueError(f"{self.method} layer is merged; merge-and-restart needs unmerged adapters")
+        self.check_mergeable()
         w = self.base_weight()
         merged = self.adapter.merge_weight(w.to(self.adapter_dtype)).to(w.dtype)
         if not torch.isfinite(merged).all():

@@ -54,20 +54,51 @@ def _assign(param: Tensor, value: Tensor) -> None:
     param.copy_(value)
 
 
+def base_row_sq(w0: Tensor) -> Tensor:
+    """`||W0_i||^2` per output row, fp32 (fp64 for fp64 bases): one pass over the frozen base."""
+    return torch.linalg.vector_norm(w0, dim=1, dtype=torch.promote_types(w0.dtype, torch.float32)).square()
+
+
 @torch.no_grad()
-def dora_row_norms(w0: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, eps: float) -> Tensor:
-    """Row norms of `W0 + s B A` (fp32, fp64 for fp64 bases; `(out,)`) without building `out x in`."""
+def dora_row_norms(
+    w0: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, eps: float, base_sq: Tensor | None = None
+) -> Tensor:
+    """Row norms of `W0 + s B A` (fp32, fp64 for fp64 bases; `(out,)`) without building `out x in`.
+
+    `base_sq` is `base_row_sq(w0)` when the caller has it cached (W0 is frozen).
+    """
     dtype = torch.promote_types(w0.dtype, torch.float32)
     a, b = lora_A.to(dtype), lora_B.to(dtype)  # (r, in), (out, r)
+    # `A W0^T` as `(r, in) @ (in, out)`: on CPU BLAS this layout of the skinny product is about 2x faster
     if w0.dtype == torch.float16:  # fp16's range is small: the cross term could overflow
-        w0a = F.linear(w0.to(dtype), a)  # (out, r) = W0 A^T
+        aw0 = a @ w0.to(dtype).t()  # (r, out)
     else:
-        w0a = F.linear(w0, lora_A.to(w0.dtype)).to(dtype)  # (out, r) = W0 A^T
+        aw0 = (lora_A.to(w0.dtype) @ w0.t()).to(dtype)  # (r, out)
     # n_i^2 - ||W0_i||^2 = sum_k B[i,k] * (2s (W0 A^T)[i,k] + s^2 (B A A^T)[i,k]): one addmm, one dot
-    inner = torch.addmm(w0a, b, a @ a.t(), beta=2 * scaling, alpha=scaling * scaling)  # (out, r)
-    base_sq = torch.linalg.vector_norm(w0, dim=1, dtype=dtype).square()  # one pass over W0: cheaper than W0 A^T
-    n_sq = torch.linalg.vecdot(b, inner).add_(base_sq)
-    return n_sq.clamp_min_(0).sqrt_().clamp_min_(eps)
+    inner = torch.addmm(aw0.t(), b, a @ a.t(), beta=2 * scaling, alpha=scaling * scaling)  # (out, r)
+    n_sq = torch.linalg.vecdot(b, inner).add_(base_row_sq(w0) if base_sq is None else base_sq)
+    return n_sq.clamp_min_(0).sqrt_().clamp_min_(eps)  # cancellation can leave n_sq slightly below 0
+
+
+def _stamp(tensors: tuple[Tensor, ...]) -> tuple | None:
+    """What identifies these tensors' values in eager mode: object, version, storage, dtype.
+
+    `None` (never cache) for inference tensors (no version counter) and sharded DTensors.
+    In-place edits bump the version; `.to()`/`.data =` change the storage or dtype.
+    """
+    if any(t.is_inference() or (DTensor is not None and isinstance(t, DTensor)) for t in tensors):
+        return None
+    return tuple((weakref.ref(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
+
+
+def _still(stamp: tuple | None, tensors: tuple[Tensor, ...]) -> bool:
+    """Whether `tensors` are the very tensors, unchanged, that `stamp` was taken of."""
+    if stamp is None or len(stamp) != len(tensors):
+        return False
+    return all(
+        ref() is t and version == t._version and ptr == t.data_ptr() and dtype == t.dtype
+        for (ref, version, ptr, dtype), t in zip(stamp, tensors, strict=True)
+    )
 
 
 @register_adapter
@@ -105,14 +136,18 @@ class DoRA(LowRankFactors):
         # attribute, not a buffer: DDP would broadcast a buffer every step; it is compared on m's device.
         self.magnitude_at_init: Tensor | None = None
         self._merge_norm: Tensor | None = None
-        self._eval_scale: Tensor | None = None
-        self._eval_inputs: tuple = ()
+        self._eval_scale: Tensor | None = None  # `m / n`, reused while no gradient can flow
+        self._eval_stamp: tuple | None = None
+        self._base_sq: Tensor | None = None  # `||W0_i||^2`: W0 is frozen, so computed once
+        self._base_stamp: tuple | None = None
 
-    # -- the inference cache -------------------------------------------------------------
+    # -- caches --------------------------------------------------------------------------
 
     def invalidate_cache(self) -> None:
-        """Drop the cached `m / n` (call after editing parameters in place under inference mode)."""
-        self._eval_scale, self._eval_inputs = None, ()
+        """Drop the cached `m / n` and `||W0_i||^2` (call after editing parameters through `.data`
+        or sharded parameters by hand; in-place edits of plain tensors are noticed)."""
+        self._eval_scale, self._eval_stamp = None, None
+        self._base_sq, self._base_stamp = None, None
 
     def train(self, mode: bool = True) -> DoRA:
         self.invalidate_cache()
@@ -126,15 +161,21 @@ class DoRA(LowRankFactors):
         self.invalidate_cache()  # runs for any load_state_dict on an enclosing module
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _cached_scale(self, weight: Tensor, w0: Tensor, dtype: torch.dtype) -> Tensor:
-        """`m / n` in `dtype`, computed once per inference-mode phase for these very parameter objects."""
-        live = (self.lora_A, self.lora_B, self.magnitude, weight)
-        fresh = len(self._eval_inputs) == len(live) and all(
-            ref() is t for ref, t in zip(self._eval_inputs, live, strict=True)
-        )
-        if not fresh or self._eval_scale is None or self._eval_scale.dtype != dtype:
-            self._eval_scale = (self.magnitude / self.weight_norm(w0)).to(dtype)
-            self._eval_inputs = tuple(weakref.ref(t) for t in live)
+    def _cached_base_sq(self, layer: AdapterLinear, w0: Tensor) -> Tensor | None:
+        """`||W0_i||^2` for eager forwards, recomputed when the base weight changes; None when compiling."""
+        if torch.compiler.is_compiling():
+            return None  # compiled code recomputes it (one fused pass); no Python state in the graph
+        live = (layer.base.weight,)
+        if self._base_sq is None or not _still(self._base_stamp, live):
+            self._base_sq, self._base_stamp = base_row_sq(w0.detach()), _stamp(live)
+        return self._base_sq
+
+    def _cached_scale(self, layer: AdapterLinear, w0: Tensor, dtype: torch.dtype) -> Tensor:
+        """`m / n` in `dtype`, reused while these very parameters keep their values (eager, no gradient)."""
+        live = (self.lora_A, self.lora_B, self.magnitude, layer.base.weight)
+        if self._eval_scale is None or self._eval_scale.dtype != dtype or not _still(self._eval_stamp, live):
+            self._eval_scale = (self.magnitude / self._norm(layer, w0)).to(dtype)
+            self._eval_stamp = _stamp(live)
         return self._eval_scale
 
     # -- norms and the magnitude ---------------------------------------------------------
@@ -142,6 +183,11 @@ class DoRA(LowRankFactors):
     def weight_norm(self, w0: Tensor) -> Tensor:
         """Row norms of `W0 + s B A` (fp32 or fp64, `(out,)`) without materialising `out x in`."""
         return dora_row_norms(w0, self.lora_A, self.lora_B, self.scaling, self.eps)
+
+    def _norm(self, layer: AdapterLinear, w0: Tensor) -> Tensor:
+        """`weight_norm(w0)` with `||W0_i||^2` from the cache (the forward's route)."""
+        base_sq = self._cached_base_sq(layer, w0)
+        return dora_row_norms(w0, self.lora_A, self.lora_B, self.scaling, self.eps, base_sq)
 
     def init_from_base(self, layer: AdapterLinear) -> None:
         self.reset_magnitude(layer)
@@ -202,9 +248,9 @@ class DoRA(LowRankFactors):
     def forward(self, x: Tensor, base_out: Tensor, layer: AdapterLinear) -> Tensor:
         """`y = c * (W0 x_d + s B A x_d) + rest`, with `rest = b` (no dropout) or `W0 x + b - W0 x_d`.
 
-        This equals peft's `base + (c - 1) W0 x_d + c s B A x_d` but saves one `T x out`
-        tensor for backward instead of two (`_ScaleRows`), and reuses the base output when
-        there is no dropout (docs/methods.md).
+        This equals peft's `base + (c - 1) W0 x_d + c s B A x_d`, but keeps one `T x out`
+        tensor for backward instead of two and allocates one fewer in each direction
+        (`_DoRALowRank`), and reuses the base output when there is no dropout (docs/methods.md).
         """
         w0 = layer.base_weight()
         bias = layer.bias
@@ -216,16 +262,25 @@ class DoRA(LowRankFactors):
             x_d = self.dropout(x)
             plain = F.linear(x_d, w0)  # peft semantics: dropout only on the delta
             rest = base_out - plain
-        z = self.add_lora_delta(plain, x_d)  # W0 x_d + s B A x_d
-        if torch.is_grad_enabled() and (self.magnitude.requires_grad or z.requires_grad):
-            if self._eval_scale is not None:
-                self.invalidate_cache()  # a forward with gradients may be followed by an update
-            y = _ScaleRows.apply(z, self.magnitude, self.weight_norm(w0))
-        elif not self.training and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
-            y = z * self._cached_scale(layer.base.weight, w0, z.dtype)
-        else:
-            y = z * (self.magnitude / self.weight_norm(w0)).to(z.dtype)
+        x_flat, p_flat = x_d.reshape(-1, x_d.shape[-1]), plain.reshape(-1, plain.shape[-1])
+        a, b = self.lora_A.to(x_d.dtype), self.lora_B.to(plain.dtype)
+        if self._gradient_can_flow(x_d, plain):
+            self._eval_scale = None  # a forward with gradients may be followed by an update
+            norm = self._norm(layer, w0)
+            y = _DoRALowRank.apply(x_flat, p_flat, a, b, self.magnitude, norm, self.scaling)
+        else:  # no_grad, inference_mode, or frozen adapters (generation): `m / n` once per parameter values
+            if torch.compiler.is_compiling():
+                scale = (self.magnitude / self.weight_norm(w0)).to(plain.dtype)
+            else:
+                scale = self._cached_scale(layer, w0, plain.dtype)
+            y = _low_rank_sum(x_flat, p_flat, a, b, self.scaling).mul_(scale)
+        y = y.view(plain.shape)
         return y if rest is None else y + rest
+
+    def _gradient_can_flow(self, x_d: Tensor, plain: Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(t.requires_grad for t in (self.magnitude, self.lora_A, self.lora_B, x_d, plain))
 
     def _direction(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         v = weight + self.low_rank_weight().to(weight.dtype)  # (out, in)
@@ -275,26 +330,55 @@ class DoRA(LowRankFactors):
         return f"{super().extra_repr()}, eps={self.eps}"
 
 
-class _ScaleRows(torch.autograd.Function):
-    """`y = z * (m / n)` over the last dim, saving only `z` (and two `(out,)` vectors).
+def _low_rank_sum(x: Tensor, plain: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """`plain + s (x A^T) B^T` for `(N, in)`/`(N, out)` inputs, a new tensor.
 
-    `n` is DoRA's detached norm: it gets no gradient (paper §4.3). Autograd on the plain
-    expression would also keep `m / n`'s operands; the win over peft's formula is that
-    `W0 x` and `B A x` are not both kept.
+    `x A^T` is computed as `(A x^T)^T`: with `r` as the rows of the skinny product, CPU BLAS
+    runs it up to 2x faster (the values are the same products, summed in another order).
+    """
+    h = torch.mm(a, x.t()).t().to(plain.dtype)  # (N, r), stored r-major
+    return torch.addmm(plain, h, b.t(), alpha=scaling)
+
+
+class _DoRALowRank(torch.autograd.Function):
+    """`y = c * (P + s (x A^T) B^T)` per output column, `c = m / n`, for `P = W0 x` (flat `(N, .)`).
+
+    `n` is DoRA's detached norm: it gets no gradient (paper §4.3). Against autograd on the
+    plain expression this keeps one `T x out` tensor (`P`; not `z` and `c * z`), scales in
+    place, allocates one `T x out` tensor in backward (`grad * P`, then reused for
+    `grad * c`), splits `sum_t grad * z` as `sum_t grad * P + s rowsum(B * (grad^T H))` with
+    `grad^T H` being `B`'s gradient anyway, and lays out the skinny products with `r` as
+    the rows (`(r, N) @ (N, out)`), which CPU BLAS runs 2-4x faster than `(out, N) @ (N, r)`.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, magnitude: Tensor, norm: Tensor) -> Tensor:
-        scale = (magnitude / norm).to(z.dtype)
-        ctx.save_for_backward(z, scale, norm)
-        return z * scale
+    def forward(ctx, x, plain, lora_A, lora_B, magnitude, norm, scaling):
+        h_t = torch.mm(lora_A, x.t()).to(plain.dtype)  # (r, N) = (x A^T)^T
+        scale = (magnitude / norm).to(plain.dtype)
+        ctx.save_for_backward(x, plain, h_t, lora_A, lora_B, scale, norm)
+        ctx.scaling = scaling
+        return torch.addmm(plain, h_t.t(), lora_B.t(), alpha=scaling).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        z, scale, norm = ctx.saved_tensors
-        grad_z = grad * scale if ctx.needs_input_grad[0] else None
-        grad_m = None
-        if ctx.needs_input_grad[1]:
-            flat = (grad * z).reshape(-1, z.shape[-1])
-            grad_m = flat.sum(0, dtype=norm.dtype) / norm
-        return grad_z, grad_m, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, plain, h_t, lora_A, lora_B, scale, norm = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_plain, need_a, need_b, need_m = ctx.needs_input_grad[:5]
+        grad_x = grad_plain = grad_a = grad_b = grad_m = buffer = None
+        if need_m:
+            buffer = grad * plain
+            grad_m = buffer.sum(0, dtype=norm.dtype)  # sum_t grad * P; the low-rank part is added below
+        if need_plain or need_x or need_a:
+            grad_plain = grad * scale if buffer is None else torch.mul(grad, scale, out=buffer)
+        if need_b or need_m:
+            g_h = torch.mm(h_t, grad).t()  # (out, r) = grad^T H
+            if need_b:
+                grad_b = g_h * (scale * s).unsqueeze(1)
+            if need_m:
+                low_rank = torch.linalg.vecdot(lora_B.to(norm.dtype), g_h.to(norm.dtype))
+                grad_m = grad_m.add_(low_rank, alpha=s).div_(norm)
+        if need_x or need_a:
+            grad_h_t = torch.mm(lora_B.t(), grad_plain.t()).mul_(s).to(x.dtype)  # (r, N)
+            grad_a = torch.mm(grad_h_t, x) if need_a else None
+            grad_x = torch.mm(grad_h_t.t(), lora_A) if need_x else None
+        return grad_x, (grad_plain if need_plain else None), grad_a, grad_b, grad_m, None, None

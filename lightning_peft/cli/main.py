@@ -21,6 +21,7 @@ import sys
 from lightning_peft.callbacks.restart import RestartError
 from lightning_peft.core.inject import AdapterStateError
 from lightning_peft.diagnostics import render_report
+from lightning_peft.errors import InputError
 from lightning_peft.experiments.compare import compare_main
 from lightning_peft.experiments.peft_cli import PeftCLI
 from lightning_peft.experiments.rank_search import rank_search_main
@@ -85,6 +86,7 @@ def main(args: list[str] | None = None) -> None:
         ExportError,
         PeftFormatError,
         RestartError,
+        InputError,
     ) as err:  # a message, not a traceback
         print(f"lightning-peft: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -151,6 +151,8 @@ def merge_adapters(model: nn.Module) -> None:
     the check pass discards each result and the merge pass recomputes it.
     """
     layers = [(n, layer) for n, layer in find_adapters(model) if not layer.merged]
+    for raw_name, layer in layers:
+        layer.check_mergeable(normalise_name(raw_name))  # a quantized base is refused before any layer changes
     with torch.no_grad():
         for raw_name, layer in layers:
             weight = layer.base_weight()

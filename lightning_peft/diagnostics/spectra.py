@@ -86,6 +86,8 @@ class UpdateProbe:
 
     @property
     def size(self) -> int:
+        if self.is_adapter:  # a quantized base stores its weight packed: its shape is not the layer's
+            return max(self.module.in_features, self.module.out_features)
         return max(self._stored.shape)
 
     @property

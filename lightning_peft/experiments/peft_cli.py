@@ -26,10 +26,12 @@ from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_peft.adapters.quantized import require_bitsandbytes
 from lightning_peft.callbacks.adapter import AdapterCallback, print_plan
 from lightning_peft.callbacks.checkpoint_io import AtomicCheckpointIO
 from lightning_peft.callbacks.restart import JaggedCosineLR
 from lightning_peft.diagnostics import UpdateDiagnostics
+from lightning_peft.errors import InputError
 from lightning_peft.interop.export import ExportError, export_checkpoint
 from lightning_peft.policy import LayerPolicy
 from lightning_peft.policy.schema import register_jsonargparse_loader
@@ -148,9 +150,18 @@ class PeftCLI(LightningCLI):
         """The instantiated config of the running subcommand."""
         return self.config_init.get(str(self.subcommand), self.config_init)
 
+    def before_instantiate_classes(self) -> None:
+        """A quantized base without bitsandbytes: one line naming the extra (jsonargparse would bury it)."""
+        section = self.config.get(str(self.subcommand), self.config)
+        quantization = section.get("model.init_args.quantization") if "model.init_args" in section else None
+        if quantization:
+            require_bitsandbytes(quantization)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except InputError:  # a file or an extra to fix: one line from `main`, no usage text
+            raise
         except ValueError as err:  # e.g. a PolicyError raised while building `adapters`
             self.parser.error(str(err))  # jsonargparse's usage + message, exit code 2, before any training
 

@@ -39,6 +39,7 @@ from lightning_peft.adapters.base import (
     layer_shape,
     low_rank_target,
 )
+from lightning_peft.adapters.quantized import dequantize_model
 from lightning_peft.callbacks.adapter import restore_from_checkpoint
 from lightning_peft.core.inject import (
     find_adapters,
@@ -547,6 +548,8 @@ def export_merged(
     whose adapters are already merged exports as is (its base weights hold the updates).
     The merge is `merge_adapters`'s: every merged weight is checked finite in the base dtype
     first (an fp16 overflow is refused, naming the layer), and nothing is written.
+    A quantized (QLoRA) base is dequantized first, so the folder holds plain weights in the dtype
+    the base was loaded in (fp32 or bf16).
     """
     if get_plan(model) is None:
         raise ExportError(f"{type(model).__name__} carries no lightning-peft adapters (nothing to merge)")
@@ -556,12 +559,15 @@ def export_merged(
         _save_pretrained(hf, Path(out))  # raises the named error
     check_target(out, overwrite, protected)
     merged = copy.deepcopy(hf)
+    for _, layer in find_adapters(merged):
+        layer.dequantize_base()  # a QLoRA base: merge into its dequantized weight (fp32 or bf16)
     try:
         merge_adapters(merged)
     except AdapterStateError as err:
         raise ExportError(f"{err}; nothing was written") from None
     for raw, layer in find_adapters(merged):
         _set(merged, raw, layer.base)
+    dequantize_model(merged)  # quantized layers without adapters, and the config's quantization settings
     with staged_folder(Path(out), overwrite, protected) as tmp:
         _save_pretrained(merged, tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps({"format": "merged", "path": str(out)}, indent=1))

@@ -109,8 +109,8 @@ def build_optimizer(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-def from_pretrained(auto_class: str, path: str, **kwargs: Any) -> nn.Module:
-    """A local Hugging Face model folder (or :data:`BUNDLED_MINILM`) in fp32, in training mode.
+def from_pretrained(auto_class: str, path: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> nn.Module:
+    """A local Hugging Face model folder (or :data:`BUNDLED_MINILM`) in ``dtype`` (fp32), in training mode.
 
     ``from_pretrained`` returns eval mode, and Lightning keeps the mode it is given.
     """
@@ -118,7 +118,7 @@ def from_pretrained(auto_class: str, path: str, **kwargs: Any) -> nn.Module:
     import transformers
 
     loader = getattr(transformers, auto_class)
-    model = loader.from_pretrained(resolve_pretrained_path(path), local_files_only=True, dtype=torch.float32, **kwargs)
+    model = loader.from_pretrained(resolve_pretrained_path(path), local_files_only=True, dtype=dtype, **kwargs)
     return model.train()
 
 

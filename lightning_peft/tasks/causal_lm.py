@@ -1,4 +1,4 @@
-"""A plain causal-LM LightningModule (Hugging Face model inside) for the UUID memorisation task.
+"""A plain causal-LM LightningModule (Hugging Face model inside): the UUID task, pretraining, or any local model.
 
 Nothing here knows about adapters: this is the kind of module a user already has. The optimizer is built in
 ``configure_optimizers`` from the parameters that require grad, so a callback that freezes the base model and
@@ -7,14 +7,16 @@ injects adapters before the optimizer is built trains only the adapters.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from lightning_peft.adapters.quantized import bnb_config
 from lightning_peft.callbacks.restart import check_schedule_args
 
 from ._common import LRSchedule, TaskModule, check_optim_args, from_pretrained, is_none_path, seeded
-from .metrics import CharAccuracy, ExactMatch
+from .metrics import CharAccuracy, ExactMatch, Perplexity
+from .samples import generate_samples, log_samples
 from .uuid_data import UUID_LENGTH, CharTokenizer
 
 __all__ = ["CausalLM", "greedy_generate"]
@@ -30,6 +32,8 @@ LLAMA_CONFIG_ARGS = (
     "attn_implementation",
 )
 """The constructor arguments that go straight into ``LlamaConfig``."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @torch.no_grad()
@@ -78,6 +82,9 @@ class CausalLM(TaskModule):
     ``values`` are scored by generating ``max_new_tokens`` tokens greedily from the prompt: logged as
     ``val_char_acc`` / ``val_exact_match`` (``test_`` in ``test``). With a datamodule that has a ``tokenizer``
     (e.g. ``UUIDMemorization``), that tokenizer is used in ``setup``; otherwise a :class:`CharTokenizer`.
+    Every evaluation also logs the token-weighted perplexity ``val_ppl`` (``exp`` of the mean loss per
+    trained token). A datamodule with ``sample_prompt_ids`` (``LocalData``) gets them continued greedily at
+    the end of every validation, logged to every logger (``tasks/samples.py``).
 
     Args:
         vocab_size: Vocabulary size of the model built from a config (must cover the data's tokenizer).
@@ -102,6 +109,12 @@ class CausalLM(TaskModule):
         max_new_tokens: Tokens generated per evaluation prompt (36 = one UUID).
         generate_on_eval: Run greedy generation in validation/test (loss only when ``False``).
         attn_implementation: Attention kernel of the Hugging Face model (``"sdpa"`` or ``"eager"``).
+        dtype: Dtype of the base weights (``"bfloat16"`` halves their memory; adapters keep fp32 masters).
+        quantization: Load the ``pretrained_path`` base quantized by bitsandbytes: ``"nf4"`` (QLoRA), ``"fp4"``
+            or ``"int8"``; its linears are frozen, adapters wrap them (needs ``pip install -e ".[quant]"``).
+        gradient_checkpointing: Recompute each block's activations in backward (transformers' non-reentrant
+            checkpointing): less memory, about one more forward of time.
+        sample_new_tokens: Tokens generated per sample prompt at validation (0: no samples).
     """
 
     def __init__(
@@ -125,23 +138,47 @@ class CausalLM(TaskModule):
         max_new_tokens: int = UUID_LENGTH,
         generate_on_eval: bool = True,
         attn_implementation: str = "sdpa",
+        dtype: Literal["float32", "bfloat16"] = "float32",
+        quantization: Literal["nf4", "fp4", "int8"] | None = None,
+        gradient_checkpointing: bool = False,
+        sample_new_tokens: int = 32,
     ) -> None:
         super().__init__()
         check_optim_args(lr, weight_decay, warmup_steps, lr_schedule)
         check_schedule_args(0, warmup_steps, restart_every, restart_warmup_steps, min_lr_ratio)
+        if dtype not in DTYPES:
+            raise ValueError(f"CausalLM dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if quantization is not None and is_none_path(pretrained_path):
+            raise ValueError(f"CausalLM(quantization={quantization!r}) quantizes a loaded model: set pretrained_path")
         self.save_hyperparameters()
         self.tokenizer: Any = CharTokenizer()
+        self.sample_prompt_ids: list[list[int]] = []
         with seeded(init_seed):
-            if is_none_path(pretrained_path):
-                self.model = self._llama_from_config()
-            else:
-                self.model = from_pretrained(
-                    "AutoModelForCausalLM", pretrained_path, attn_implementation=attn_implementation
-                )
+            self.model = self._build_model()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.val_ppl = Perplexity()
+        self.test_ppl = Perplexity()
         self.val_char_acc = CharAccuracy()
         self.val_exact_match = ExactMatch()
         self.test_char_acc = CharAccuracy()
         self.test_exact_match = ExactMatch()
+
+    def _build_model(self) -> torch.nn.Module:
+        hp = self.hparams
+        if is_none_path(hp.pretrained_path):
+            return self._llama_from_config().to(DTYPES[hp.dtype])
+        quantization = {}
+        if hp.quantization is not None:
+            config = bnb_config(hp.quantization, DTYPES[hp.dtype])
+            quantization = {"quantization_config": config, "device_map": {"": "cpu"}}
+        return from_pretrained(
+            "AutoModelForCausalLM",
+            hp.pretrained_path,
+            dtype=DTYPES[hp.dtype],
+            attn_implementation=hp.attn_implementation,
+            **quantization,
+        )
 
     def _llama_from_config(self) -> torch.nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -160,6 +197,7 @@ class CausalLM(TaskModule):
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             self.tokenizer = tokenizer
+        self.sample_prompt_ids = list(getattr(self.trainer.datamodule, "sample_prompt_ids", None) or [])
         model_vocab = self.model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > model_vocab:
             raise ValueError(
@@ -190,13 +228,25 @@ class CausalLM(TaskModule):
         return self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
 
     def evaluate(self, batch: dict[str, Any], prefix: str) -> torch.Tensor:
+        loss = self.loss(batch)
+        ppl = getattr(self, f"{prefix}_ppl")
+        ppl.update(loss.detach(), (batch["labels"][:, 1:] != -100).sum())
+        self.log(f"{prefix}_ppl", ppl, on_epoch=True, batch_size=len(batch["input_ids"]))
         if self.hparams.generate_on_eval and "prompt_ids" in batch and "values" in batch:
             preds = self.generate_text(batch["prompt_ids"])
             for name, prog_bar in (("char_acc", True), ("exact_match", False)):
                 metric = getattr(self, f"{prefix}_{name}")
                 metric.update(preds, batch["values"])
                 self.log(f"{prefix}_{name}", metric, on_epoch=True, prog_bar=prog_bar, batch_size=len(preds))
-        return self.loss(batch)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """Continue the datamodule's sample prompts greedily and show them in every logger (not in the sanity check)."""
+        if not self.sample_prompt_ids or self.hparams.sample_new_tokens < 1 or self.trainer.sanity_checking:
+            return
+        samples = generate_samples(self.model, self.tokenizer, self.sample_prompt_ids, self.hparams.sample_new_tokens)
+        if self.trainer.is_global_zero:
+            log_samples(self.loggers, samples, self.global_step)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[str]:
         return self.generate_text(batch["prompt_ids"])

@@ -12,35 +12,27 @@ B (the usual `val_char_acc`), forgetting = accuracy lost on A (`ForgettingMonito
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
+from lightning_peft.callbacks.forgetting import PriorKnowledge
+
 from ._common import LRSchedule, seeded
+from .base_cache import BASE_RECORD, base_cache_key, cache_root, cached_base
 from .causal_lm import CausalLM, greedy_generate
 from .metrics import char_matches
 from .uuid_data import UUID_LENGTH, CharTokenizer, _lm_batch, make_uuid_pairs
 
-__all__ = ["UUIDContinualLM", "base_cache_key", "default_cache_dir", "memorise_uuid_base"]
-
-BASE_RECORD = "lightning_peft_base.json"
+__all__ = ["UUIDContinualLM", "UUIDRecall", "base_cache_key", "default_cache_dir", "memorise_uuid_base"]
 
 
 def default_cache_dir() -> Path:
     """`$LIGHTNING_PEFT_CACHE` or `~/.cache/lightning-peft`, plus `/uuid-base`."""
-    root = os.environ.get("LIGHTNING_PEFT_CACHE") or Path.home() / ".cache" / "lightning-peft"
-    return Path(root) / "uuid-base"
-
-
-def base_cache_key(spec: dict[str, Any]) -> str:
-    """A short hash of everything that decides the base's weights (model config, set A, seed, steps)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root("uuid-base")
 
 
 def _recall(model: torch.nn.Module, pairs: list[tuple[str, str]], tokenizer: CharTokenizer) -> tuple[float, float]:
@@ -79,29 +71,17 @@ def memorise_uuid_base(
     """Train `model` (random init) to memorise set A and cache it; return the cached folder.
 
     `spec` holds `prior_pairs`, `prior_seed`, `prior_steps`, `prior_lr` and the model config;
-    its hash names the folder. A folder that is already there is reused (not retrained).
-    The folder is written to a temporary sibling and renamed, so a crash never leaves half a base.
+    its hash names the folder. A folder that is already there is reused (not retrained); see
+    `lightning_peft.tasks.base_cache` for the atomic write.
     """
-    folder = Path(cache_dir or default_cache_dir()).expanduser() / base_cache_key(spec)
-    if (folder / BASE_RECORD).is_file():
-        return folder
-    pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
-    if verbose:
-        print(f"lightning-peft: memorising UUID set A ({len(pairs)} pairs, <= {spec['prior_steps']} steps) -> {folder}")
-    result = _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        (tmp / BASE_RECORD).write_text(json.dumps({"spec": spec, "memorised": result}, indent=2))
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / BASE_RECORD).is_file():  # not a concurrent writer that won the race
-            raise
-    if verbose:
-        print(f"lightning-peft: UUID base memorised set A: {result}")
-    return folder
+
+    def build() -> tuple[torch.nn.Module, dict[str, Any]]:
+        pairs = make_uuid_pairs(spec["prior_pairs"], spec["prior_seed"])
+        return model, {
+            "memorised": _train_base(model, pairs, spec["prior_steps"], spec["prior_lr"], spec["prior_seed"])
+        }
+
+    return cached_base(cache_dir or default_cache_dir(), spec, build, verbose=verbose)
 
 
 def _random_init_llama(arch: dict[str, Any], init_seed: int) -> torch.nn.Module:
@@ -186,3 +166,61 @@ class UUIDContinualLM(CausalLM):
         )  # fmt: skip
         self.base_record: dict[str, Any] = json.loads((folder / BASE_RECORD).read_text())
         self.prior_pairs = make_uuid_pairs(prior_pairs, prior_seed)
+
+
+class UUIDRecall(PriorKnowledge):
+    """Greedy-generation accuracy on UUID key -> value pairs the base model memorised.
+
+    Args:
+        num_pairs: size of the memorised set (`None`: the module's `prior_pairs`, as set by
+            `UUIDContinualLM`, which knows which pairs its cached base memorised).
+        seed: seed of `make_uuid_pairs` for that set (with `num_pairs`).
+        batch_size: prompts generated per forward pass.
+
+    Metrics: `prior_char_acc` (correct value characters) and `prior_exact_match`.
+    """
+
+    def __init__(self, num_pairs: int | None = None, seed: int | None = None, batch_size: int = 64) -> None:
+        if (num_pairs is None) != (seed is None):
+            raise ValueError("UUIDRecall: give both `num_pairs` and `seed`, or neither (use the module's prior_pairs)")
+        if batch_size < 1:
+            raise ValueError(f"UUIDRecall: batch_size must be >= 1, got {batch_size}")
+        self.num_pairs = num_pairs
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def pairs(self, pl_module: pl.LightningModule) -> list[tuple[str, str]]:
+        if self.num_pairs is not None:
+            return make_uuid_pairs(self.num_pairs, self.seed or 0)
+        pairs = getattr(pl_module, "prior_pairs", None)
+        if not pairs:
+            raise ValueError(
+                f"UUIDRecall: {type(pl_module).__name__} has no `prior_pairs`; give num_pairs and seed of the "
+                "memorised set, or use UUIDContinualLM"
+            )
+        return list(pairs)
+
+    def capture(self, pl_module: pl.LightningModule) -> None:
+        datamodule = getattr(pl_module.trainer, "datamodule", None)
+        new_keys = {k for k, _ in getattr(datamodule, "pairs", [])}
+        overlap = new_keys & {k for k, _ in self.pairs(pl_module)}
+        if overlap:
+            raise ValueError(
+                f"UUIDRecall: {len(overlap)} keys of the prior set are also in the training data; "
+                "the prior and the new set must be disjoint (use another data seed)"
+            )
+
+    def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        tokenizer = pl_module.tokenizer
+        pairs = self.pairs(pl_module)
+        correct = exact = 0
+        device = pl_module.device
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            prompts = torch.tensor([tokenizer.encode(f"{k}:", add_bos=True) for k, _ in chunk], device=device)
+            generated = pl_module.generate(prompts, UUID_LENGTH)
+            for row, (_, value) in zip(generated.cpu(), chunk, strict=True):
+                text = tokenizer.decode(row, placeholder="?")
+                correct += char_matches(text, value)
+                exact += int(text == value)
+        return {"prior_char_acc": correct / (UUID_LENGTH * len(pairs)), "prior_exact_match": exact / len(pairs)}

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torchmetrics import Metric
 
-__all__ = ["CharAccuracy", "ExactMatch", "char_matches"]
+__all__ = ["CharAccuracy", "ExactMatch", "Perplexity", "char_matches"]
 
 
 def char_matches(pred: str, target: str) -> int:
@@ -71,3 +71,29 @@ class ExactMatch(_StringRatio):
     @staticmethod
     def _weight(target: str) -> int:
         return 1
+
+
+class Perplexity(Metric):
+    """``exp`` of the mean next-token loss per trained token, over the whole epoch (and all ranks).
+
+    ``update(loss, tokens)`` takes a batch's mean loss and the number of tokens it averages over, so batches
+    with more trained tokens weigh more: the epoch value is the perplexity of the data, not a mean of batch
+    perplexities.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("nll", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, tokens: torch.Tensor | int) -> None:
+        tokens = torch.as_tensor(tokens, device=self.tokens.device)
+        self.nll += loss.detach().float() * tokens
+        self.tokens += tokens
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll / self.tokens.clamp_min(1))

