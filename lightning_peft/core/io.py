@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from lightning_peft.errors import InputError
+
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write via a temporary file in the same directory, fsync, then `os.replace`: never a torn file.
@@ -50,7 +52,7 @@ def _new_temp_file(path: Path) -> Path:
 # -- replacing what exists: one rule for every writer --------------------------------------
 
 
-class UnsafeWriteError(ValueError):
+class UnsafeWriteError(InputError):
     """A write refused because it could destroy something lightning-peft did not write (one-line reason)."""
 
 
