@@ -287,8 +287,7 @@ def test_import_reads_back_a_mixed_export(tmp_path):
     ours = model_out(model, ids)
     export_peft(model, tmp_path / "export")
     again = tiny_llama(0)
-    plan = import_peft(again, tmp_path / "export")
-    again.eval()
+    plan = import_peft(again, tmp_path / "export")  # `again` is in eval mode: so are its new layers (dropout off)
     assert {r.method for r in plan.rows} == {"lora", "dora"} and len(plan.rows) == len(get_plan(model).rows)
     peft_out = model_out(load_peft_export(tiny_llama(0), tmp_path / "export").eval(), ids)
     assert rel_diff(model_out(again, ids), peft_out) < RTOL and rel_diff(peft_out, ours) < RTOL

@@ -665,6 +665,8 @@ def import_peft(model: nn.Module, directory: str | Path, *, submodule: str | Non
         extra = sorted({r.name for r in plan.rows} - expected)
         raise ExportError(f"{directory}: module names are ambiguous in this model (also matched {extra[:4]})")
     inject_adapters(model, plan)
+    for _, layer in find_adapters(model):  # new layers in the model's mode: an eval model stays deterministic
+        layer.train(model.training)
     load_adapter_state(model, state)
     return plan
 
