@@ -425,12 +425,14 @@ def run_variant(
     out_dir: str | Path,
     seed: int | None = None,
     shared: SharedParser | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[VariantRecord, list[dict[str, float]], list[dict[str, Any]]]:
     """Fit one variant through the project's LightningCLI in this process.
 
     Returns the record, the per-validation curves and the per-(method, block) diagnostics
     summary. Any exception of the run (configuration or training) becomes a `failed` record;
     Ctrl-C and SIGTERM stop the comparison (re-raised). `shared`: a parser cache to reuse.
+    `callbacks`: more callbacks for this run (the search's pruning callback).
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -443,7 +445,7 @@ def run_variant(
         with _quiet_cli():
             cli = cli_class(
                 args=_fit_args(config, variant, out_dir, seed),
-                trainer_defaults={"callbacks": [recorder]},
+                trainer_defaults={"callbacks": [recorder, *callbacks]},
                 parser_kwargs={"exit_on_error": False},
             )
         metrics = scalar_metrics(cli.trainer.callback_metrics)

@@ -31,12 +31,14 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
 from lightning_peft.diagnostics import TABLE_FILE, read_table
 from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
-from lightning_peft.experiments.runner import build_model, carried_rules, load_config, run_fit
+from lightning_peft.experiments.policy_search import SearchError, SearchSettings
+from lightning_peft.experiments.policy_search_run import search_command
+from lightning_peft.experiments.runner import build_model, carried_params, carried_rules, load_config, run_fit
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
 
 TIERS = ("skip", "low", "high", "dora", "base")
@@ -366,14 +368,6 @@ def pilot_policy(settings: SuggestSettings, carried: Sequence[dict[str, Any]]) -
     return {"rules": [*first, rule, *[r for r in carried if r.get("method") != "none"]], "strict": False}
 
 
-def carried_params(model: Any, carried: Sequence[dict[str, Any]]) -> int:
-    """Trainable parameters of the carried rules alone (they count against the budget)."""
-
-    if not any(r.get("method") == "full" for r in carried):
-        return 0  # `none` rules carve out, they train nothing
-    return LayerPolicy.from_dict({"rules": list(carried), "strict": False}).resolve(model).trainable_params
-
-
 def pilot_candidates(model: Any, settings: SuggestSettings) -> list[str]:
     """Names of the Linear layers inside the repeated blocks that `pilot_modules` match."""
 
@@ -614,20 +608,35 @@ def rules_table(result: SuggestResult):
 
 
 def suggest_command(
-    base: str, settings: SuggestSettings, out_dir: str = "suggestions", compare: bool = False, seed: int | None = None
-) -> SuggestResult:
-    """Suggest a per-layer policy from a pilot run (`lightning-peft suggest CONFIG --settings.budget N`).
+    base: str,
+    settings: SuggestSettings,
+    out_dir: str = "suggestions",
+    compare: bool = False,
+    seed: int | None = None,
+    strategy: Literal["heuristic", "search"] = "heuristic",
+    search: SearchSettings | None = None,
+    storage: str | None = None,
+) -> Any:
+    """Suggest a per-layer policy (`lightning-peft suggest CONFIG --settings.budget N [--strategy search]`).
 
     Args:
         base: the `lightning-peft fit` config of the task; its `none`/`full` rules are carried over.
         settings: the budget, the pilot and the thresholds of the decision rule (`SuggestSettings`).
         out_dir: where the pilot, `suggested_policy.yaml` and (with `compare`) the comparison go.
         compare: run the suggestion against uniform LoRA, DoRA and the high-rank method at the same
-            budget with `lightning-peft compare` (in `out_dir/comparison`).
-        seed: `seed_everything` for the comparison's runs.
+            budget with `lightning-peft compare` (in `out_dir/comparison`); with `search`, the chosen
+            policy against the best uniform one on `search.compare_seeds`.
+        seed: `seed_everything` for the comparison's runs (heuristic).
+        strategy: `heuristic` (a pilot run and a decision rule) or `search` (an Optuna search over
+            per-layer policies at the budget, `lightning_peft.experiments.policy_search`; needs the `search` extra).
+        search: the search's settings (`--search.n_trials`, `--search.metric`, ...).
+        storage: the search's Optuna storage URL (default: a SQLite file in `out_dir`); point several
+            processes at one database to share a search.
     """
     from rich import get_console
 
+    if strategy == "search":
+        return search_command(base, settings, search or SearchSettings(), out_dir, compare, storage, heuristic=suggest)
     result = suggest(base, out_dir, settings)
     console = get_console()
     console.print(rules_table(result))
@@ -647,7 +656,7 @@ def suggest_main(args: list[str]) -> int:
 
     try:
         CLI(suggest_command, args=args)
-    except (SuggestError, CompareError) as err:
+    except (SuggestError, CompareError, SearchError) as err:
         print(f"lightning-peft suggest: error: {err}", file=sys.stderr)
         return 2
     return 0
