@@ -42,7 +42,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.hooks import RemovableHandle
 
-from lightning_peft.callbacks.optim_groups import apply_rule_settings
+from lightning_peft.callbacks.optim_groups import apply_rule_settings, check_resumed_rule_settings
+from lightning_peft.core.hints import option_hint
 from lightning_peft.core.inject import (
     CHECKPOINT_KEY,
     AdapterStateError,
@@ -101,7 +102,8 @@ def check_checkpoint_strategy(strategy: Any, adapter_only: bool) -> None:
         raise AdapterStateError(
             "AdapterCallback(adapter_only_checkpoint=True) under ModelParallelStrategy needs "
             "ModelParallelStrategy(save_distributed_checkpoint=False): Lightning cannot resume an adapter-only "
-            "sharded checkpoint. Or set adapter_only_checkpoint=False to keep full sharded checkpoints."
+            f"sharded checkpoint. Or set {option_hint('adapter_only_checkpoint', 'false', False, 'adapters')} to "
+            "keep full sharded checkpoints."
         )
 
 
@@ -229,7 +231,8 @@ class AdapterCallback(Callback):
             if isinstance(cb, ModelCheckpoint) and cb.save_weights_only and self.adapter_only_checkpoint:
                 warnings.warn(
                     "ModelCheckpoint(save_weights_only=True) bypasses callbacks: its files hold the full model and "
-                    "cannot resume. Use save_weights_only=False (adapter-only files stay small).",
+                    "cannot resume. Give it `save_weights_only: false` (its init_args in a config; Python: "
+                    "`ModelCheckpoint(save_weights_only=False)`); adapter-only files stay small.",
                     stacklevel=2,
                 )
         names = [type(cb).__name__ for cb in trainer.callbacks]
@@ -271,11 +274,23 @@ class AdapterCallback(Callback):
         plan = get_plan(pl_module)
         if plan is None:
             return
-        names = [rule.name or rule.label(i) for i, rule in enumerate(self.policy.rules)]
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        lines = apply_rule_settings(trainer.optimizers, schedulers, pl_module, plan, names)
+        lines = apply_rule_settings(trainer.optimizers, schedulers, pl_module, plan, self._rule_names())
         if lines and self.verbose:
             rank_zero_info("Per-rule optimizer groups: " + "; ".join(lines))
+
+    def _rule_names(self) -> list[str]:
+        return [rule.name or rule.label(i) for i, rule in enumerate(self.policy.rules)]
+
+    def _check_resumed_optim(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """A resumed fit gets the checkpoint's param groups: refuse one whose rules' `optim` changed since."""
+        live, stored = get_plan(pl_module), checkpoint.get(CHECKPOINT_KEY)
+        if live is None or not isinstance(stored, dict) or trainer.state.fn != "fit":
+            return
+        if "state_dict" in checkpoint and not checkpoint.get("optimizer_states"):
+            return  # a weights-only checkpoint: the optimizer starts fresh, with the new settings
+        source = _checkpoint_source(trainer)
+        check_resumed_rule_settings(plan_from_stored(stored["plan"], source), live, source, self._rule_names())
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -324,8 +339,11 @@ class AdapterCallback(Callback):
             # FSDP2 (ModelParallelStrategy) loads the weights itself, through the module's
             # `load_state_dict` (so the pre-hook checked them), and hands callbacks the rest.
             check_checkpoint_plan(pl_module, checkpoint, _checkpoint_source(trainer))
+            set_restarts(pl_module, stored_restarts(checkpoint, _checkpoint_source(trainer)))
+            self._check_resumed_optim(trainer, pl_module, checkpoint)
             return
         check_checkpoint(pl_module, checkpoint, _checkpoint_source(trainer))
+        self._check_resumed_optim(trainer, pl_module, checkpoint)
         set_restarts(pl_module, stored_restarts(checkpoint, _checkpoint_source(trainer)))
 
 

@@ -184,6 +184,31 @@ class ForgettingMonitor(Callback):
 # -- embedding drift ----------------------------------------------------------------------------
 
 
+MIN_PROBE_TEXTS = 3  # a rank correlation of pairwise similarities needs at least three texts
+
+
+def check_probe_texts(texts: Any) -> None:
+    """Refuse probe texts that cannot measure drift: fewer than three, empty, or repeated.
+
+    A repeated text has a similarity of exactly 1 to its copy under every model, and identical
+    texts leave the rank correlation undefined (a meaningless baseline); each text must differ.
+    """
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise ValueError(f"EmbeddingDrift: texts must be a list of strings, got {type(texts).__name__}")
+    if len(texts) < MIN_PROBE_TEXTS:
+        raise ValueError(f"EmbeddingDrift: need at least {MIN_PROBE_TEXTS} texts, got {len(texts)}")
+    seen: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"EmbeddingDrift: text {i} must be a non-empty string, got {text!r}")
+        key = " ".join(text.split())
+        if key in seen:
+            raise ValueError(
+                f"EmbeddingDrift: texts {seen[key]} and {i} are the same text ({text[:40]!r}); each must differ"
+            )
+        seen[key] = i
+
+
 def drift_metrics(reference: Tensor, current: Tensor) -> dict[str, float]:
     """How far `current` embeddings (n, d) moved from `reference` ones (same texts, same order).
 
@@ -199,6 +224,11 @@ def drift_metrics(reference: Tensor, current: Tensor) -> dict[str, float]:
     ref, cur = reference.double(), current.double()
     rows, cols = torch.triu_indices(ref.shape[0], ref.shape[0], offset=1)
     sim_ref = pairwise_cosine_similarity(ref)[rows, cols]
+    if bool((sim_ref == sim_ref[0]).all()):
+        raise ValueError(
+            "the reference embeddings' pairwise similarities are all equal (the texts embed identically: the same "
+            "text, or texts cut to the same tokens by max_length); their rank correlation is undefined"
+        )
     sim_cur = pairwise_cosine_similarity(cur)[rows, cols]
     return {
         "embed_spearman": float(spearman_corrcoef(sim_cur, sim_ref)),
@@ -222,10 +252,10 @@ class EmbeddingDrift(PriorKnowledge):
     def __init__(
         self, texts: Sequence[str], tokenizer_path: str | None = None, max_length: int = 128, batch_size: int = 32
     ) -> None:
-        if isinstance(texts, str) or len(texts) < 3:
-            raise ValueError(
-                f"EmbeddingDrift: need at least 3 texts, got {texts if isinstance(texts, str) else len(texts)}"
-            )
+        check_probe_texts(texts)
+        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EmbeddingDrift: {name} must be a positive integer, got {value!r}")
         self.texts = list(texts)
         self.tokenizer_path = tokenizer_path
         self.max_length = max_length

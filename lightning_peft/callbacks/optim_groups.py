@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lightning_peft.adapters.base import AdapterLinear
+from lightning_peft.core.stored import AdapterStateError
 from lightning_peft.policy import normalise_name
 
 if TYPE_CHECKING:
@@ -243,3 +244,44 @@ def group_summary(group: dict[str, Any]) -> str:
     return f"{group[GROUP_TAG]}: {len(group['params'])} tensor(s), lr {float(lr):.3g}" + (
         f", weight_decay {wd:g}" if isinstance(wd, int | float) else ""
     )
+
+
+# -- resuming ----------------------------------------------------------------------------------
+
+
+def _describe_optim(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {float(v):g}" for k, v in sorted(settings.items())) or "no optim settings"
+
+
+def changed_rule_settings(stored: Plan, live: Plan, rule_names: Sequence[str] | None = None) -> list[str]:
+    """Per rule of the live policy, `"rule 'x': checkpoint <settings>, now <settings>"` where a module's
+    `optim` settings differ between a checkpoint's plan and the live one (first module per rule)."""
+    before = {row.name: row.optim or {} for row in stored.rows}
+    changed: dict[str, str] = {}
+    for row in live.rows:
+        old, new = before.get(row.name), row.optim or {}
+        if old is None or {k: float(v) for k, v in old.items()} == {k: float(v) for k, v in new.items()}:
+            continue  # a module only one side has is a plan mismatch, reported by the plan check
+        name = rule_names[row.rule] if rule_names and row.rule < len(rule_names) else f"rule {row.rule}"
+        changed.setdefault(
+            name, f"rule {name!r} ({row.name}): checkpoint {_describe_optim(old)}, now {_describe_optim(new)}"
+        )
+    return list(changed.values())
+
+
+def check_resumed_rule_settings(stored: Plan, live: Plan, source: str, rule_names: Sequence[str] | None = None) -> None:
+    """Refuse to resume a fit whose rules' `optim` settings changed since the checkpoint was written.
+
+    Lightning restores the checkpoint's param groups over the ones the live settings built: with
+    as many groups, the checkpoint's rates silently win; with another number, torch fails with a
+    message that names no rule. Raises `AdapterStateError` naming each changed rule.
+    """
+    changed = changed_rule_settings(stored, live, rule_names)
+    if changed:
+        raise AdapterStateError(
+            f"{source}: cannot resume: per-rule optimizer settings changed since this checkpoint was written: "
+            + "; ".join(changed)
+            + ". Resuming restores the checkpoint's param groups, so the new settings would not apply. To resume, "
+            "set these rules' `optim:` back as they were; to train on with the new settings, start a new fit from "
+            "the checkpoint's weights (`restore_from_checkpoint(model, ckpt)`, then fit without `ckpt_path`)."
+        )

@@ -95,6 +95,9 @@ def inject_adapters(model: nn.Module, policy: LayerPolicy | Plan | str | Path | 
                 "The model already carries a different adapter plan; call remove_adapters() first "
                 f"({_first_difference(existing, plan)})"
             )
+        settings = {row.name: row.optim for row in plan.rows}  # optimizer settings are no part of the adapters:
+        for row in existing.rows:  # the policy given now decides them (e.g. after `restore_from_checkpoint`)
+            row.optim = settings.get(row.name, row.optim)
         return existing
     modules = _modules_by_name(model)
     _check_plan_fits(model, plan, modules)

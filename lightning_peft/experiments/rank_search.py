@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
-from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.adapters.base import get_adapter_class, is_supported_layer, method_for_role
+from lightning_peft.experiments.compare import Variant, run_comparison
+from lightning_peft.experiments.names import name_problem
 from lightning_peft.experiments.runner import build_model, carried_rules, load_config
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
 
@@ -59,6 +60,10 @@ COST_KEYS = ("trainable_params", "step_time_median_s", "peak_memory_mb")
 
 class RankSearchError(ValueError):
     """A rank search that cannot run as configured; raised before any run starts."""
+
+
+class NoRankKept(RankSearchError):
+    """The search ran but not even its first step could be kept (exit code 1, not 2: the input was fine)."""
 
 
 @dataclass
@@ -90,8 +95,8 @@ def parse_widening(steps: Sequence[str | dict[str, list[str]]]) -> list[TargetSe
         else:
             raise RankSearchError(f"widening step {i} must be a name or {{name: [globs]}}, got {step!r}")
     names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise RankSearchError(f"widening steps repeat a name: {names}")
+    if len({n.casefold() for n in names}) != len(names):  # variant folders: `QV` and `qv` are one on macOS
+        raise RankSearchError(f"widening steps repeat a name (case-insensitively): {names}")
     return out
 
 
@@ -120,7 +125,7 @@ class SearchSettings:
     plateau: float = 0.01
     cost_key: str = "trainable_params"
     cost_limit: float | None = None
-    method: str = "lora"
+    method: str = field(default_factory=lambda: method_for_role("low_rank"))
     alpha: float | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -137,6 +142,17 @@ class SearchSettings:
         if self.cost_limit is not None and not self.cost_limit > 0:
             raise RankSearchError(f"`cost_limit` must be positive, got {self.cost_limit}")
         self.targets = parse_widening(self.widen)
+        for target in self.targets:  # every variant name the search could make, before anything runs
+            problem = name_problem(variant_name(max(ranks), target.name))
+            if problem is not None:
+                raise RankSearchError(
+                    f"widening step {target.name!r}: its variants' names ({variant_name(max(ranks), target.name)!r}) "
+                    f"{problem}"
+                )
+        try:
+            get_adapter_class(self.method)
+        except ValueError as err:
+            raise RankSearchError(f"`method`: {err}") from None
 
     def gain(self, new: float, old: float) -> float:
         return new - old if self.mode == "max" else old - new
@@ -183,9 +199,9 @@ def search_policy(settings: SearchSettings, rank: int, targets: TargetSet, keep:
     `full` rules such as a new classification head go last), so every variant trains them alike.
     """
 
-    hparams = dict(settings.hparams, r=rank)
-    if "alpha" in hyperparameter_names(get_adapter_class(settings.method)):
-        hparams.setdefault("alpha", settings.alpha if settings.alpha is not None else 2 * rank)
+    hparams = {**(get_adapter_class(settings.method).hparams_for_rank(rank) or {}), **settings.hparams, "r": rank}
+    if settings.alpha is not None and "alpha" in hparams and "alpha" not in settings.hparams:
+        hparams["alpha"] = settings.alpha  # the article's fixed alpha
     rule = {
         "name": f"{settings.method}-{targets.name}",
         "method": settings.method,
@@ -297,7 +313,7 @@ def rank_search(
             break
         best = step
     if best is None:
-        raise RankSearchError(f"no rank could be kept: {searcher.steps[0].name} {searcher.steps[0].decision}")
+        raise NoRankKept(f"no rank could be kept: {searcher.steps[0].name} {searcher.steps[0].decision}")
     for target in wider:
         step = searcher.run("widen", best.rank, target)
         if not searcher.better_than(step, best):
@@ -425,10 +441,11 @@ def check_targets(model: Any, settings: SearchSettings, keep: Sequence[dict]) ->
                 .trainable_params
             )
         except PolicyError as err:
-            raise RankSearchError(str(err)) from None
+            raise RankSearchError(f"widening step {target.name!r} at rank {rank}: {err}") from None
 
-    for target in settings.targets:
-        count(settings.ranks[0], target)
+    for target in settings.targets:  # every rank on every set resolves: no step fails after the sweep trained
+        for rank in settings.ranks:
+            count(rank, target)
     return count
 
 
@@ -493,17 +510,3 @@ def rank_search_command(
         f"policy in {Path(out_dir) / CHOSEN_POLICY}"
     )
     return result
-
-
-def rank_search_main(args: list[str]) -> int:
-    """`lightning-peft compare rank-search ...`: 0 done, 1 nothing could be kept or a run failed, 2 bad input."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        CLI(rank_search_command, args=args)
-    except (RankSearchError, CompareError) as err:
-        print(f"lightning-peft compare rank-search: error: {err}", file=sys.stderr)
-        return 1 if str(err).startswith("no rank could be kept") else 2
-    return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_peft.core.io import write_file_safely
+from lightning_peft.experiments.errors import CompareError
 
 COMPARISON_FILE = "comparison.csv"
 COMPARISON_MARKER = ".lightning-peft-comparison"  # beside comparison.csv: compare wrote it, may replace it
@@ -55,7 +56,8 @@ class VariantRecord:
     run_dir: str
     overrides: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
-    wall_time_s: float = math.nan
+    wall_time_s: float = math.nan  # the variant's own run, one-time builds excluded
+    build_time_s: float = 0.0  # one-time builds this run paid for (a cached base built on first use)
 
 
 def load_record(run_dir: Path) -> VariantRecord | None:
@@ -92,11 +94,12 @@ def write_comparison(out_dir: str | Path, records: Sequence[VariantRecord]) -> P
     rows = []
     for r in records:
         row = {c: getattr(r, c) for c in RECORD_COLUMNS}
-        row.update(wall_time_s=r.wall_time_s, overrides=json.dumps(r.overrides, sort_keys=True, default=str))
+        overrides = json.dumps(r.overrides, sort_keys=True, default=str)
+        row.update(wall_time_s=r.wall_time_s, build_time_s=r.build_time_s, overrides=overrides)
         row.update(r.metrics)
         rows.append(row)
     path = Path(out_dir) / COMPARISON_FILE
-    columns = [*RECORD_COLUMNS, "wall_time_s", "overrides", *metric_names]
+    columns = [*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides", *metric_names]
     write_file_safely(path, lambda tmp: write_csv(Path(tmp), rows, columns), COMPARISON_MARKER)
     return path
 
@@ -108,25 +111,77 @@ def parse_number(text: str | None) -> float:
         return math.nan
 
 
+STATUSES = ("ok", "failed")
+REQUIRED_COLUMNS = ("name", "status", "trainable_params", "run_dir")  # the rest may be deleted by hand
+
+
+def _cell_error(path: Path, line: int, column: str, value: str, want: str) -> CompareError:
+    hint = " (write numbers without thousands separators)" if "," in value else ""
+    return CompareError(f"{path}, line {line}, column {column!r}: {value!r} is not {want}{hint}")
+
+
+def _number(path: Path, line: int, column: str, value: str | None) -> float:
+    """A cell as a float: empty is NaN (what `write_comparison` writes for no value), text is an error."""
+    if value is None or value.strip() == "":
+        return math.nan
+    try:
+        return float(value)
+    except ValueError:
+        raise _cell_error(path, line, column, value, "a number") from None
+
+
+def _record_from_row(path: Path, line: int, row: dict[str | None, Any]) -> VariantRecord:
+    """One `comparison.csv` row as a record; every bad cell is a `CompareError` naming file, line and column."""
+    if None in row:
+        raise CompareError(f"{path}, line {line}: {len(row[None])} cell(s) more than the header's columns")
+    fixed = {*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides"}
+    params = (row.get("trainable_params") or "").strip()
+    if params and not (params.isdigit() and params.isascii()):
+        raise _cell_error(path, line, "trainable_params", params, "a whole number of parameters")
+    if row["status"] not in STATUSES:
+        raise _cell_error(path, line, "status", row["status"] or "", f"one of {list(STATUSES)}")
+    if not row["name"]:
+        raise CompareError(f"{path}, line {line}, column 'name': empty; every row names its variant")
+    try:
+        overrides = json.loads(row.get("overrides") or "{}")
+    except ValueError:
+        raise _cell_error(path, line, "overrides", str(row.get("overrides")), "a JSON mapping") from None
+    if not isinstance(overrides, dict):
+        raise _cell_error(path, line, "overrides", str(row.get("overrides")), "a JSON mapping")
+    return VariantRecord(
+        name=row["name"], status=row["status"], error=row.get("error") or None,
+        metrics={k: _number(path, line, k, v) for k, v in row.items() if k not in fixed and v not in (None, "")},
+        trainable_params=int(params or 0),
+        step_time_median_s=_number(path, line, "step_time_median_s", row.get("step_time_median_s")),
+        peak_memory_mb=_number(path, line, "peak_memory_mb", row.get("peak_memory_mb")),
+        run_dir=row["run_dir"] or "", overrides=overrides,
+        wall_time_s=_number(path, line, "wall_time_s", row.get("wall_time_s")),
+        build_time_s=_number(path, line, "build_time_s", row.get("build_time_s") or "0"),
+    )  # fmt: skip
+
+
 def read_comparison(out_dir: str | Path) -> list[VariantRecord]:
-    """The records of a comparison from its `comparison.csv` (a folder or the file itself)."""
+    """The records of a comparison from its `comparison.csv` (a folder or the file itself).
+
+    A hand-edited file is read strictly: a missing column, a cell that is not a number where one
+    belongs (`4,096`, `n/a`) or an extra cell is a `CompareError` naming the file, line and column.
+    An empty cell is a missing value (NaN), as `write_comparison` writes it.
+    """
     path = Path(out_dir)
     path = path / COMPARISON_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no {COMPARISON_FILE} at {str(path)!r}; run `lightning-peft compare` first")
-    fixed = {*RECORD_COLUMNS, "wall_time_s", "overrides"}
-    records = []
-    for row in read_csv(path):
-        metrics = {k: parse_number(v) for k, v in row.items() if k not in fixed and v not in (None, "")}
-        records.append(VariantRecord(
-            name=row["name"], status=row["status"], error=row["error"] or None, metrics=metrics,
-            trainable_params=int(parse_number(row["trainable_params"]) or 0) if row["trainable_params"] else 0,
-            step_time_median_s=parse_number(row["step_time_median_s"]),
-            peak_memory_mb=parse_number(row["peak_memory_mb"]),
-            run_dir=row["run_dir"], overrides=json.loads(row.get("overrides") or "{}"),
-            wall_time_s=parse_number(row.get("wall_time_s")),
-        ))  # fmt: skip
-    return records
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM from a spreadsheet is not part of `name`
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise CompareError(f"{path}: column(s) {missing} missing (header: {reader.fieldnames or []})")
+            return [_record_from_row(path, reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as err:
+        raise CompareError(f"{path}: not UTF-8 text (byte offset {err.start}); save it as UTF-8 CSV") from None
+    except csv.Error as err:
+        raise CompareError(f"{path}: not a readable CSV file: {err}") from None
 
 
 def read_curves(out_dir: str | Path, names: Sequence[str] | None = None) -> dict[str, list[dict[str, float]]]:

@@ -13,25 +13,32 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 
+from lightning_peft.experiments.errors import CompareError
 from lightning_peft.experiments.peft_cli import PeftCLI
-from lightning_peft.policy import LayerPolicy
+from lightning_peft.policy import LayerPolicy, read_yaml_file
 
 CARRIED_METHODS = ("none", "full")  # base-policy rules kept in every generated policy
 
 
 def load_config(config: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A run config as a mapping (a YAML path, or the mapping itself)."""
-    import yaml
+    """A run config as a mapping (a YAML path, or the mapping itself).
 
+    Read as `lightning-peft fit` reads it (`read_yaml_file`: YAML 1.2 scalars, no duplicate keys),
+    so an unquoted `depth: 2:4` is the same string here as in the fit, not the YAML 1.1 integer 124.
+    """
     if isinstance(config, dict):
         return config
     path = Path(config)
     if not path.is_file():
-        raise FileNotFoundError(f"Run config {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text())
+        raise CompareError(f"run config {str(path)!r} does not exist")
+    try:
+        data = read_yaml_file(path)
+    except yaml.YAMLError as err:
+        raise CompareError(f"{path}: {err}") from None
     if not isinstance(data, dict) or "model" not in data:
-        raise ValueError(f"{path}: not a run config (a mapping with a `model:` section)")
+        raise CompareError(f"{path}: not a run config (a mapping with a `model:` section)")
     return data
 
 

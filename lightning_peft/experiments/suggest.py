@@ -26,6 +26,7 @@ MoRA paper's Table 5 are about 1.5x LoRA's).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -33,15 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
+from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer, method_for_role
 from lightning_peft.diagnostics import TABLE_FILE, read_table
-from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
-from lightning_peft.experiments.policy_search import SearchError, SearchSettings
+from lightning_peft.experiments.compare import Variant, run_comparison
+from lightning_peft.experiments.fingerprint import fingerprint
+from lightning_peft.experiments.policy_search import SearchSettings
 from lightning_peft.experiments.policy_search_run import search_command
 from lightning_peft.experiments.runner import build_model, carried_params, carried_rules, load_config, run_fit
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
 
-TIERS = ("skip", "low", "high", "dora", "base")
+TIERS = ("skip", "low", "high", "magnitude", "base")
+# The method of each tier is asked of the registry (`AdapterMethod.suggest_roles`); `high` may be overridden.
+TIER_ROLES = {"low": "low_rank", "high": "high_rank", "magnitude": "magnitude", "base": "low_rank"}
 
 
 class SuggestError(ValueError):
@@ -57,32 +61,36 @@ class SuggestSettings:
         pilot_rank: LoRA rank of the pilot run; the cap `r90` is compared with.
         pilot_steps: optimizer steps of the pilot.
         pilot_modules: module globs the pilot adapts (inside the repeated blocks); the candidates.
-        high_rank_method: method for rank-saturated modules (a registered method taking `r`).
+        high_rank_method: method for rank-saturated modules (a registered method taking `r`); default: the
+            registered method whose `suggest_roles` include `high_rank`.
         saturation: `r90 / pilot_rank` at or above which a module is rank-saturated.
         skip_below: `rel_norm / median` below which a module stays frozen.
         low_below: `rel_norm / median` below which a module gets a low-rank LoRA.
         dora_above: relative magnitude drift / rotation angle at or above which a module gets DoRA.
         low_rank_fraction: low-rank modules' rank as a fraction of the base rank.
-        lr_scales: learning-rate scale per method, written to each rule's `optim.lr_scale`.
+        lr_scales: learning-rate scale per method, written to each rule's `optim.lr_scale`; a method not
+            named gets its own `default_lr_scale`.
     """
 
     budget: int
     pilot_rank: int = 4
     pilot_steps: int = 50
     pilot_modules: list[str] = field(default_factory=lambda: ["*"])
-    high_rank_method: str = "mora"
+    high_rank_method: str | None = None
     saturation: float = 0.75
     skip_below: float = 0.1
     low_below: float = 0.5
     dora_above: float = 1.0
     low_rank_fraction: float = 0.25
-    lr_scales: dict[str, float] = field(default_factory=lambda: {"lora": 1.0, "dora": 1.0, "mora": 1.5})
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("budget", "pilot_rank", "pilot_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SuggestError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.high_rank_method is None:
+            self.high_rank_method = method_for_role("high_rank")
         try:
             cls = get_adapter_class(self.high_rank_method)
         except ValueError as err:
@@ -100,6 +108,10 @@ class SuggestSettings:
         bad = {k: v for k, v in self.lr_scales.items() if not (isinstance(v, int | float) and v > 0)}
         if bad:
             raise SuggestError(f"`lr_scales` must be positive numbers, got {bad}")
+
+    def lr_scale(self, method: str) -> float:
+        """The learning-rate scale of `method`'s rules: `lr_scales`, else the method's own default."""
+        return self.lr_scales.get(method, get_adapter_class(method).default_lr_scale)
 
 
 @dataclass
@@ -163,20 +175,27 @@ def decide(evidence: Sequence[ModuleEvidence], settings: SuggestSettings) -> lis
         if share < settings.skip_below:
             out.append(Decision(e, "skip", f"update {share:.2f}x the median < {settings.skip_below:g}: frozen"))
         elif share < settings.low_below:
-            out.append(Decision(e, "low", f"update {share:.2f}x the median < {settings.low_below:g}: low-rank lora"))
+            why = f"update {share:.2f}x the median < {settings.low_below:g}: low-rank {tier_method('low', settings)}"
+            out.append(Decision(e, "low", why))
         elif e.r90 >= settings.saturation * e.cap:
             why = f"r90 {e.r90:g} of the pilot's {e.cap} >= {settings.saturation:g}x: rank-saturated"
             out.append(Decision(e, "high", f"{why}, {settings.high_rank_method}"))
         elif e.mag_angle >= settings.dora_above:
-            why = f"mag/angle {e.mag_angle:.3g} >= {settings.dora_above:g}: magnitude-led, dora"
-            out.append(Decision(e, "dora", why))
+            method = tier_method("magnitude", settings)
+            why = f"mag/angle {e.mag_angle:.3g} >= {settings.dora_above:g}: magnitude-led, {method}"
+            out.append(Decision(e, "magnitude", why))
         else:
-            out.append(Decision(e, "base", "moderate, not saturated, direction-led: lora"))
+            out.append(Decision(e, "base", f"moderate, not saturated, direction-led: {tier_method('base', settings)}"))
     return out
 
 
 def tier_method(tier: str, settings: SuggestSettings) -> str:
-    return {"skip": "none", "low": "lora", "high": settings.high_rank_method, "dora": "dora", "base": "lora"}[tier]
+    """The method a tier gets: the registered method that declares the tier's role (`high` may be overridden)."""
+    if tier == "skip":
+        return "none"
+    if tier == "high":
+        return str(settings.high_rank_method)
+    return method_for_role(TIER_ROLES[tier])
 
 
 # -- from decisions to rules with ranks --------------------------------------------------------
@@ -203,10 +222,7 @@ class RuleChoice:
         return statistics.fmean(d.evidence.rel_norm for d in self.decisions)
 
     def hparams(self) -> dict[str, Any]:
-        hp: dict[str, Any] = {"r": self.rank}
-        if "alpha" in hyperparameter_names(get_adapter_class(self.method)):
-            hp["alpha"] = 2 * self.rank
-        return hp
+        return dict(get_adapter_class(self.method).hparams_for_rank(self.rank) or {"r": self.rank})
 
     def params(self) -> int:
         cls = get_adapter_class(self.method)
@@ -214,7 +230,25 @@ class RuleChoice:
         return sum(cls.count_parameters(d.evidence.in_features, d.evidence.out_features, **hp) for d in self.decisions)
 
     def max_rank(self) -> int:
-        return min(min(d.evidence.in_features, d.evidence.out_features) for d in self.decisions)
+        """No module's adapter may outgrow its layer's weights (beyond that, method `full` is cheaper)."""
+        cls = get_adapter_class(self.method)
+        return min(rank_within_layer(cls, d.evidence.in_features, d.evidence.out_features) for d in self.decisions)
+
+
+@functools.cache
+def rank_within_layer(cls: type, in_features: int, out_features: int) -> int:
+    """The largest rank (at least 1) at which a `cls` adapter has no more trainable parameters than the layer."""
+    alpha = "alpha" in hyperparameter_names(cls)
+
+    def fits(r: int) -> bool:
+        hp = {"r": r, "alpha": 2 * r} if alpha else {"r": r}
+        return cls.count_parameters(in_features, out_features, **hp) <= in_features * out_features
+
+    lo, hi = 1, min(in_features, out_features)
+    while lo < hi:  # parameter counts grow with the rank
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def group_rules(decisions: Sequence[Decision], settings: SuggestSettings) -> list[RuleChoice]:
@@ -226,7 +260,7 @@ def group_rules(decisions: Sequence[Decision], settings: SuggestSettings) -> lis
         method = tier_method(d.tier, settings)
         key = (d.tier, d.evidence.kind)
         if key not in groups:
-            groups[key] = RuleChoice(d.tier, method, d.evidence.kind, [], lr_scale=settings.lr_scales.get(method, 1.0))
+            groups[key] = RuleChoice(d.tier, method, d.evidence.kind, [], lr_scale=settings.lr_scale(method))
         groups[key].decisions.append(d)
     kinds = list(dict.fromkeys(d.evidence.kind for d in decisions))  # model order, then tier order
     return sorted(groups.values(), key=lambda c: (kinds.index(c.kind), TIERS.index(c.tier)))
@@ -274,11 +308,11 @@ def allocate(choices: list[RuleChoice], budget: int, low_fraction: float) -> lis
 
 # -- the policy file ---------------------------------------------------------------------------
 
-TIER_SUMMARY = {
-    "low": "small update (rel_norm < {low_below:g}x the median): low-rank lora",
-    "high": "rank-saturated pilot update (r90 >= {saturation:g} x pilot rank {pilot_rank}): {high_rank_method}",
-    "dora": "magnitude-led update (mag/angle >= {dora_above:g}): dora",
-    "base": "moderate, unsaturated, direction-led update: lora",
+TIER_SUMMARY = {  # `{method}` is the tier's method (`tier_method`)
+    "low": "small update (rel_norm < {low_below:g}x the median): low-rank {method}",
+    "high": "rank-saturated pilot update (r90 >= {saturation:g} x pilot rank {pilot_rank}): {method}",
+    "magnitude": "magnitude-led update (mag/angle >= {dora_above:g}): {method}",
+    "base": "moderate, unsaturated, direction-led update: {method}",
 }
 
 
@@ -332,7 +366,7 @@ def policy_text(
     for body in (r for r in carried if r.get("method") == "none"):
         lines += ["  # carried over from the base policy"] + _yaml_item(body)
     for c in choices:
-        why = TIER_SUMMARY[c.tier].format(**vars(settings))
+        why = TIER_SUMMARY[c.tier].format(**vars(settings), method=c.method)
         lines.append(f"  # {c.kind} -> {c.method} r={c.rank}, lr x{c.lr_scale:g}: {why}")
         lines += [f"  #   {d.evidence.describe(median)}" for d in c.decisions]
         lines += _yaml_item(_rule_body(c, rule_modules(c, scope, blocks_path)))
@@ -356,16 +390,22 @@ ALL_BLOCKS = {"fraction": [0.0, 1.0]}
 
 
 def pilot_policy(settings: SuggestSettings, carried: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Uniform LoRA at `pilot_rank` on `pilot_modules` in every block, plus the carried rules."""
+    """The low-rank method (LoRA) at `pilot_rank` on `pilot_modules` in every block, plus the carried rules."""
+    method = pilot_method()
     rule = {
         "name": "pilot",
-        "method": "lora",
+        "method": method,
         "modules": list(settings.pilot_modules),
         "depth": dict(ALL_BLOCKS),
-        "hparams": {"r": settings.pilot_rank, "alpha": 2 * settings.pilot_rank},
+        "hparams": get_adapter_class(method).hparams_for_rank(settings.pilot_rank),
     }
     first = [r for r in carried if r.get("method") == "none"]
     return {"rules": [*first, rule, *[r for r in carried if r.get("method") != "none"]], "strict": False}
+
+
+def pilot_method() -> str:
+    """The pilot trains the registered `low_rank` method: its diagnostics are what the rule reads."""
+    return method_for_role("low_rank")
 
 
 def pilot_candidates(model: Any, settings: SuggestSettings) -> list[str]:
@@ -393,16 +433,30 @@ def check_before_pilot(model: Any, settings: SuggestSettings, carried: Sequence[
         plan = LayerPolicy.from_dict(pilot_policy(settings, carried), source="pilot policy").resolve(model)
     except PolicyError as err:
         raise SuggestError(f"the pilot policy does not fit the model: {err}") from None
-    adapted = [r for r in plan.rows if r.method == "lora"]
-    lora = get_adapter_class("lora")
-    smallest = min(lora.count_parameters(r.in_features, r.out_features, r=1) for r in adapted)
+    pilot = get_adapter_class(pilot_method())
+    adapted = [r for r in plan.rows if r.method == pilot.method]
+    smallest = min(pilot.count_parameters(r.in_features, r.out_features, **pilot.hparams_for_rank(1)) for r in adapted)
     smallest += carried_params(model, carried)
     if settings.budget < smallest:
         raise SuggestError(
-            f"budget {settings.budget:,} is smaller than any policy: the smallest (LoRA r=1 on one module, plus the "
-            f"carried rules) has {smallest:,} trainable parameters"
+            f"budget {settings.budget:,} is smaller than any policy: the smallest ({pilot.label} r=1 on one module, "
+            f"plus the carried rules) has {smallest:,} trainable parameters"
         )
+    check_budget_below_layers(settings.budget, [(r.in_features, r.out_features) for r in adapted], carried, model)
     return plan
+
+
+def check_budget_below_layers(
+    budget: int, shapes: Sequence[tuple[int, int]], carried: Sequence[dict[str, Any]], model: Any
+) -> None:
+    """Refuse a budget that holds every candidate layer in full: adapters that large cost more than their layers."""
+    full = sum(i * o for i, o in shapes) + carried_params(model, carried)
+    if budget >= full:
+        raise SuggestError(
+            f"budget {budget:,} is at least what training all {len(shapes)} candidate layers in full costs "
+            f"({full:,} parameters, carried rules included): adapters that large would cost more than their layers. "
+            f"Give a budget below {full:,}, or train those layers with method 'full'"
+        )
 
 
 def evidence_from_table(rows: Sequence[dict[str, Any]], plan: Any, cap: int) -> list[ModuleEvidence]:
@@ -413,7 +467,7 @@ def evidence_from_table(rows: Sequence[dict[str, Any]], plan: Any, cap: int) -> 
             last[row["module"]] = row
     out = []
     for p in plan.rows:
-        if p.method != "lora":
+        if p.method != pilot_method():
             continue
         row = last.get(p.name)
         if row is None or not math.isfinite(row["rel_norm"]):
@@ -464,8 +518,8 @@ def suggest_from_evidence(
     header: Sequence[str] = (),
 ) -> SuggestResult:
     """Decide, allocate ranks under the budget, write the policy, and check it against the model's plan."""
-    import yaml
 
+    check_budget_below_layers(settings.budget, [(e.in_features, e.out_features) for e in evidence], carried, model)
     decisions = decide(evidence, settings)
     spare = settings.budget - carried_params(model, carried)
     rules = allocate(group_rules(decisions, settings), spare, settings.low_rank_fraction)
@@ -479,7 +533,7 @@ def suggest_from_evidence(
     text = policy_text(rules, decisions, carried, settings, scope, blocks_path, header)
     path = Path(path)
     try:
-        plan = LayerPolicy.from_dict(yaml.safe_load(text), source=str(path)).resolve(model)
+        plan = LayerPolicy.from_text(text, source=str(path)).resolve(model)  # read back as a fit reads it
     except PolicyError as err:
         raise SuggestError(f"the suggested policy does not resolve on the model: {err}") from None
     if plan.trainable_params != predicted or plan.trainable_params > settings.budget:
@@ -500,8 +554,6 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     pilot. A finished pilot of the same config and pilot settings in `out_dir` is reused (the
     thresholds and the budget can be changed without training again).
     """
-    import hashlib
-
     import yaml
 
     cfg = load_config(config)
@@ -512,7 +564,7 @@ def suggest(config: str | Path, out_dir: str | Path, settings: SuggestSettings) 
     pilot_dir = out / "pilot"
     pilot_dir.mkdir(parents=True, exist_ok=True)
     pilot_path = pilot_dir / "pilot_policy.yaml"
-    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]  # a changed config re-runs the pilot
+    digest = fingerprint(config, {}, None)  # a changed config, or a file or preset it names, re-runs the pilot
     text = f"# pilot of {Path(config).resolve()} (sha256 {digest}), {settings.pilot_steps} steps\n"
     text += yaml.safe_dump(pilot_policy(settings, carried), sort_keys=False)
     done = (pilot_dir / TABLE_FILE).is_file() and pilot_path.is_file() and pilot_path.read_text() == text
@@ -549,24 +601,22 @@ def uniform_policy(method: str, rank: int, settings: SuggestSettings, carried: S
     """One method at one rank on every pilot module, at that method's learning-rate scale (a baseline)."""
     policy = pilot_policy(settings, carried)
     rule = next(r for r in policy["rules"] if r.get("name") == "pilot")
-    hparams: dict[str, Any] = {"r": rank}
-    if "alpha" in hyperparameter_names(get_adapter_class(method)):
-        hparams["alpha"] = 2 * rank
+    hparams = get_adapter_class(method).hparams_for_rank(rank)
     rule.update(name=f"{method}-uniform", method=method, hparams=hparams)
-    rule["optim"] = {"lr_scale": settings.lr_scales.get(method, 1.0)}
+    rule["optim"] = {"lr_scale": settings.lr_scale(method)}
     return policy
 
 
 def uniform_rank(method: str, evidence: Sequence[ModuleEvidence], budget: int) -> int:
-    """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit)."""
+    """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit),
+    and at most the rank where an adapter reaches its layer's size."""
     cls = get_adapter_class(method)
-    alpha = "alpha" in hyperparameter_names(cls)
 
     def cost(r: int) -> int:
-        hp = {"r": r, "alpha": 2 * r} if alpha else {"r": r}
+        hp = cls.hparams_for_rank(r)
         return sum(cls.count_parameters(e.in_features, e.out_features, **hp) for e in evidence)
 
-    lo, hi = 0, max(min(e.in_features, e.out_features) for e in evidence)
+    lo, hi = 0, min(rank_within_layer(cls, e.in_features, e.out_features) for e in evidence)  # none outgrows its layer
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
@@ -580,7 +630,8 @@ def comparison_variants(
 
     evidence = [d.evidence for d in result.decisions]
     variants = [Variant("suggested", {"adapters.policy": str(result.policy_path)})]
-    for method in dict.fromkeys(("lora", "dora", settings.high_rank_method)):
+    roles = (method_for_role("low_rank"), method_for_role("magnitude"), settings.high_rank_method)
+    for method in dict.fromkeys(roles):
         rank = uniform_rank(method, evidence, spare)
         if rank > 0:
             variants.append(
@@ -646,17 +697,3 @@ def suggest_command(
         variants = comparison_variants(result, settings, result.carried, spare)
         run_comparison(base, variants, Path(out_dir) / "comparison", seed=seed)
     return result
-
-
-def suggest_main(args: list[str]) -> int:
-    """`lightning-peft suggest ...`: 0 done, 2 bad input (named before the pilot runs)."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        CLI(suggest_command, args=args)
-    except (SuggestError, CompareError, SearchError) as err:
-        print(f"lightning-peft suggest: error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -13,6 +13,7 @@ B (the usual `val_char_acc`), forgetting = accuracy lost on A (`ForgettingMonito
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,9 @@ class UUIDContinualLM(CausalLM):
         spec = {"arch": arch, "init_seed": init_seed, "prior_pairs": prior_pairs, "prior_seed": prior_seed,
                 "prior_steps": prior_steps, "prior_lr": prior_lr, "format": 1}  # fmt: skip
         folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
+        start, built = time.perf_counter(), False
         if not (Path(folder).expanduser() / base_cache_key(spec) / BASE_RECORD).is_file():
+            built = True
             folder = memorise_uuid_base(_random_init_llama(arch, init_seed), spec, folder)
         else:
             folder = Path(folder).expanduser() / base_cache_key(spec)
@@ -165,6 +168,9 @@ class UUIDContinualLM(CausalLM):
             max_new_tokens=max_new_tokens, generate_on_eval=generate_on_eval,
         )  # fmt: skip
         self.base_record: dict[str, Any] = json.loads((folder / BASE_RECORD).read_text())
+        # Seconds this instance spent building the cached base (0 when it was cached already): compare
+        # reports it apart from the variant's own cost (`build_time_s`), since only the first run pays it.
+        self.one_time_build_s = time.perf_counter() - start if built else 0.0
         self.prior_pairs = make_uuid_pairs(prior_pairs, prior_seed)
 
 
@@ -183,8 +189,11 @@ class UUIDRecall(PriorKnowledge):
     def __init__(self, num_pairs: int | None = None, seed: int | None = None, batch_size: int = 64) -> None:
         if (num_pairs is None) != (seed is None):
             raise ValueError("UUIDRecall: give both `num_pairs` and `seed`, or neither (use the module's prior_pairs)")
-        if batch_size < 1:
-            raise ValueError(f"UUIDRecall: batch_size must be >= 1, got {batch_size}")
+        for name, value in (("num_pairs", num_pairs), ("batch_size", batch_size)):  # a probe needs items
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"UUIDRecall: {name} must be a positive integer, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"UUIDRecall: seed must be an integer, got {seed!r}")
         self.num_pairs = num_pairs
         self.seed = seed
         self.batch_size = batch_size

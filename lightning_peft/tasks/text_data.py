@@ -279,6 +279,12 @@ def held_out_texts(num_texts: int = 64, min_chars: int = 120, max_chars: int = 4
     `PydocTopics` training set (the language-reference help topics), deterministic per Python version."""
     import importlib
 
+    if isinstance(num_texts, bool) or not isinstance(num_texts, int) or num_texts < 3:
+        raise ValueError(
+            f"held_out_texts: num_texts must be an integer >= 3 (a drift probe needs three), got {num_texts!r}"
+        )
+    if not (isinstance(min_chars, int) and isinstance(max_chars, int) and 1 <= min_chars <= max_chars):
+        raise ValueError(f"held_out_texts: need 1 <= min_chars <= max_chars, got {min_chars!r}, {max_chars!r}")
     texts: list[str] = []
     for name in _STDLIB_DOC_MODULES:
         try:
@@ -289,8 +295,8 @@ def held_out_texts(num_texts: int = 64, min_chars: int = 120, max_chars: int = 4
         texts.extend(chunk_text(paragraphs, min_chars, max_chars)[:2])
         if len(texts) >= num_texts:
             return texts[:num_texts]
-    if len(texts) < 2:
-        raise RuntimeError("held_out_texts: fewer than 2 standard-library docstrings found")
+    if len(texts) < 3:
+        raise RuntimeError("held_out_texts: fewer than 3 standard-library docstrings found")
     return texts
 
 

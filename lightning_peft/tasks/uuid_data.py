@@ -108,6 +108,8 @@ def make_uuid_pairs(num_pairs: int, seed: int = 0) -> list[tuple[str, str]]:
         num_pairs: Number of pairs.
         seed: Seed of the ``random.Random`` generator; the same seed always gives the same pairs.
     """
+    if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
+        raise ValueError(f"make_uuid_pairs: num_pairs must be a positive integer, got {num_pairs!r}")
     rng = random.Random(seed)
 
     def draw() -> str:
