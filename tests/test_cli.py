@@ -13,7 +13,8 @@ from lightning_peft.cli.main import main
 from lightning_peft.policy import list_presets, preset_text
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+# sft_* configs train a user's model folder: tests/test_local_data.py runs them on a tiny one it builds.
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sft_"))
 UUID_CONFIGS = [c for c in CONFIGS if c.startswith("uuid_")]
 
 
