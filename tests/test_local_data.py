@@ -309,7 +309,7 @@ def test_cli_without_bitsandbytes_says_which_extra_in_one_line(tiny, tmp_path, m
 
 
 def _lora_grads(model: CausalLM, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    from lightning_peft.inject import inject_adapters
+    from lightning_peft.core.inject import inject_adapters
 
     torch.manual_seed(0)
     inject_adapters(model.model, {"rules": [{"name": "lora", "method": "lora", "modules": ["*_proj"]}]})
