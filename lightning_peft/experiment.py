@@ -40,7 +40,7 @@ def build_model(config: dict[str, Any]) -> pl.LightningModule:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(pl.LightningModule, "model")
     cfg = parser.parse_object({"model": config["model"]})
-    return parser.instantiate_classes(cfg).model
+    return parser.instantiate(cfg).model
 
 
 def carried_rules(config: dict[str, Any]) -> list[dict[str, Any]]:
