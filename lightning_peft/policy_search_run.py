@@ -174,9 +174,20 @@ def evidence(study: Any, settings: SearchSettings, choice: Choice) -> list[str]:
     if choice.uniform_wins:
         lines.append("UNIFORM WINS: no per-layer policy measured better than this uniform one")
     elif choice.best_uniform is not None:
-        gap = abs(choice.chosen.values[0] - choice.best_uniform.values[0])
-        lines.append(f"per-layer policy better than the best uniform one by {gap:.4g} {settings.metric} (search seed)")
+        lines.append(f"against the best uniform policy (search seed): {gaps(choice, settings)}")
     return lines
+
+
+def gaps(choice: Choice, settings: SearchSettings) -> str:
+    """Per objective, how far the chosen trial is ahead of (or behind) the best uniform one."""
+    names = [settings.metric] + ([settings.forget_metric] if settings.forget_metric else [])
+    modes = [settings.mode] + ([settings.forget_mode] if settings.forget_metric else [])
+    parts = []
+    for i, (name, mode) in enumerate(zip(names, modes, strict=True)):
+        diff = choice.chosen.values[i] - choice.best_uniform.values[i]
+        ahead = diff > 0 if mode == "max" else diff < 0
+        parts.append(f"{name} {'better' if ahead else 'worse'} by {abs(diff):.4g}")
+    return ", ".join(parts)
 
 
 def top_table(study: Any, settings: SearchSettings, choice: Choice, top: int = 8) -> Any:
