@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 
 from lightning_peft.adapters.quantized import bnb_config
 from lightning_peft.callbacks.restart import check_schedule_args
@@ -155,6 +156,10 @@ class CausalLM(TaskModule):
         gradient_checkpointing: bool = False,
         sample_new_tokens: int = 32,
     ) -> None:
+        # This call's own arguments: under LightningCLI, `save_hyperparameters` records the init args the CLI
+        # gave the outer class, so a subclass that passes its own (UUIDContinualLM: `pretrained_path`) would
+        # not find them in `self.hparams`.
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         check_optim_args(lr, weight_decay, warmup_steps, lr_schedule)
         check_schedule_args(0, warmup_steps, restart_every, restart_warmup_steps, min_lr_ratio)
@@ -166,7 +171,7 @@ class CausalLM(TaskModule):
         self.tokenizer: Any = CharTokenizer()
         self.sample_prompt_ids: list[list[int]] = []
         with seeded(init_seed):
-            self.model = self._build_model()
+            self.model = self._build_model(args)
         if gradient_checkpointing:
             enable_checkpointing(self.model)
         self.val_ppl = Perplexity()
@@ -176,10 +181,10 @@ class CausalLM(TaskModule):
         self.test_char_acc = CharAccuracy()
         self.test_exact_match = ExactMatch()
 
-    def _build_model(self) -> torch.nn.Module:
-        hp = self.hparams
+    def _build_model(self, args: dict[str, Any]) -> torch.nn.Module:
+        hp = AttributeDict(args)
         if is_none_path(hp.pretrained_path):
-            return self._llama_from_config().to(DTYPES[hp.dtype])
+            return self._llama_from_config(hp).to(DTYPES[hp.dtype])
         quantization = {}
         if hp.quantization is not None:
             config = bnb_config(hp.quantization, DTYPES[hp.dtype])
@@ -192,11 +197,11 @@ class CausalLM(TaskModule):
             **quantization,
         )
 
-    def _llama_from_config(self) -> torch.nn.Module:
+    def _llama_from_config(self, hp: dict[str, Any]) -> torch.nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
-            **{name: self.hparams[name] for name in LLAMA_CONFIG_ARGS},
+            **{name: hp[name] for name in LLAMA_CONFIG_ARGS},
             pad_token_id=self.tokenizer.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
