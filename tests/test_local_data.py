@@ -216,7 +216,7 @@ def _override(tmp_path: Path, tiny: Path, train: str, steps: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("train", ["chat.jsonl", "text.txt"])
 def test_cli_fit_on_the_tiny_model(tiny, tmp_path, train, monkeypatch, capsys):
-    from lightning_peft.cli.main.main import main
+    from lightning_peft.cli.main import main
 
     monkeypatch.chdir(REPO)
     main(["fit", "--config", "configs/sft_local.yaml", "--config", str(_override(tmp_path, tiny, tiny / train, 6))])
@@ -228,7 +228,7 @@ def test_cli_fit_on_the_tiny_model(tiny, tmp_path, train, monkeypatch, capsys):
 
 
 def test_cli_names_the_broken_line_in_one_message(tiny, tmp_path, monkeypatch, capsys):
-    from lightning_peft.cli.main.main import main
+    from lightning_peft.cli.main import main
 
     monkeypatch.chdir(REPO)
     data = _write_jsonl(tmp_path / "train.jsonl", [GOOD, {"prompt": "Q", "completion": ""}])
@@ -241,10 +241,10 @@ def test_cli_names_the_broken_line_in_one_message(tiny, tmp_path, monkeypatch, c
 @pytest.mark.slow
 def test_cli_qlora_fit_then_merged_export_matches_the_trained_model(tiny, tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from lightning_peft.cli.main.main import main
     from transformers import AutoModelForCausalLM
 
     from lightning_peft import restore_from_checkpoint
+    from lightning_peft.cli.main import main
 
     monkeypatch.chdir(REPO)
     override = _override(tmp_path, tiny, tiny / "chat.jsonl", 4)
@@ -275,7 +275,7 @@ def test_cli_qlora_fit_then_merged_export_matches_the_trained_model(tiny, tmp_pa
 def test_cli_without_bitsandbytes_says_which_extra_in_one_line(tiny, tmp_path, monkeypatch, capsys):
     import sys
 
-    from lightning_peft.cli.main.main import main
+    from lightning_peft.cli.main import main
 
     monkeypatch.chdir(REPO)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
