@@ -19,10 +19,12 @@ count (plans). docs/methods.md lists the methods and walks through adding one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,6 +158,19 @@ def low_rank_target() -> type[AdapterMethod]:
     return targets[0]
 
 
+SUGGEST_ROLES = ("low_rank", "high_rank", "magnitude")
+
+
+def method_for_role(role: str) -> str:
+    """The first registered method that offers `role` to the heuristic `suggest` (`AdapterMethod.suggest_roles`)."""
+    if role not in SUGGEST_ROLES:
+        raise ValueError(f"unknown suggest role {role!r}; roles: {list(SUGGEST_ROLES)}")
+    for name, cls in ADAPTERS.items():
+        if role in cls.suggest_roles:
+            return name
+    raise ValueError(f"no registered method declares the suggest role {role!r}")
+
+
 def method_label(method: str) -> str:
     """A registered method's display label (`LoRA`); other names (`full`, `none`) as they are."""
     return ADAPTERS[method].label if method in ADAPTERS else method
@@ -186,6 +201,12 @@ class AdapterMethod(nn.Module, ABC):
     #: True for the one method whose update is exactly `B @ A` under `factor_hparams(r)`, with the
     #: factors in the parameters whose roles are `A` and `B`: export's `svd` route converts to it.
     low_rank_target: ClassVar[bool] = False
+    #: What the heuristic `suggest` may pick this method for (`SUGGEST_ROLES`): `low_rank` (the plain,
+    #: cheap default and the pilot), `high_rank` (rank-saturated modules), `magnitude` (updates led by
+    #: row-norm changes). Empty: the heuristic never picks it (the search still may).
+    suggest_roles: ClassVar[frozenset[str]] = frozenset()
+    #: The learning-rate scale tools write for this method's rules when nothing else is known.
+    default_lr_scale: ClassVar[float] = 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -210,6 +231,44 @@ class AdapterMethod(nn.Module, ABC):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- sizing for a parameter budget (searches, `suggest`) -------------------------------
+
+    @classmethod
+    def hparams_for_rank(cls, r: int) -> dict[str, Any] | None:
+        """The method's hyper-parameters at rank `r` when a tool sizes it; `None`: it has no rank.
+
+        Default: `{"r": r}` for a method that takes `r`. Methods with a scale tied to the rank
+        override this (LoRA and DoRA keep `alpha = 2r`, so every rank takes the same step size).
+        """
+        return {"r": r} if "r" in hyperparameter_names(cls) else None
+
+    @classmethod
+    def rank_for_budget(cls, shapes: Sequence[tuple[int, int]], budget: int) -> tuple[dict[str, Any], int] | None:
+        """The largest rank whose adapters on every `(in, out)` shape fit `budget`: `(hparams, parameters)`.
+
+        One rank for all shapes (one policy rule). The rank is also capped where an adapter would
+        outgrow its layer (then `full` is cheaper, and the policy warns). `None` when the method
+        has no rank or even rank 1 does not fit. Parameter counts grow with the rank: bisection.
+        """
+        if cls.hparams_for_rank(1) is None or not shapes:
+            return None
+        counts = Counter(shapes)
+
+        def cost(r: int) -> int | None:
+            each = {s: _count_at_rank(cls, s[0], s[1], r) for s in counts}
+            if any(n > s[0] * s[1] for s, n in each.items()):
+                return None
+            total = sum(n * counts[s] for s, n in each.items())
+            return total if total <= budget else None
+
+        if cost(1) is None:
+            return None
+        lo, hi = 1, max(min(s) for s in counts)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) is not None else (lo, mid - 1)
+        return cls.hparams_for_rank(lo), cost(lo)
 
     # -- math ----------------------------------------------------------------------------
 
@@ -290,6 +349,12 @@ class AdapterMethod(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_at_rank(cls: type[AdapterMethod], in_features: int, out_features: int, r: int) -> int:
+    """`count_parameters` at `hparams_for_rank(r)`, remembered: a budget search asks for the same sizes often."""
+    return cls.count_parameters(in_features, out_features, **cls.hparams_for_rank(r))
 
 
 def diagnostic_names() -> tuple[str, ...]:

@@ -111,6 +111,7 @@ class DoRA(LowRankFactors):
 
     method = "dora"
     label = "DoRA"
+    suggest_roles = frozenset({"magnitude"})
     peft = lora_peft_mapping(use_dora=True)  # `eps` has no peft field: exports carry the default's behaviour
     parameter_roles = {"lora_A": "A", "lora_B": "B", "magnitude": "magnitude"}
     diagnostic_names = ("dora_scale_norm", "dora_lowrank_norm")

@@ -98,6 +98,11 @@ class LowRankFactors(AdapterMethod):
         self.lora_B = nn.Parameter(torch.empty(out_features, r))  # (out, r)
         self.reset_parameters()
 
+    @classmethod
+    def hparams_for_rank(cls, r: int) -> dict[str, Any]:
+        """`alpha = 2r`: the scaling `alpha / r` stays 2 at every rank, so ranks differ in capacity, not step size."""
+        return {"r": r, "alpha": 2 * r}
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-uniform A (peft's default), zero B: the update starts at exactly zero."""
         kaiming_uniform_(self.lora_A, generator)
@@ -136,6 +141,7 @@ class LoRA(LowRankFactors):
 
     method = "lora"
     label = "LoRA"
+    suggest_roles = frozenset({"low_rank"})
     peft = lora_peft_mapping(use_dora=False)
     low_rank_target = True
 

@@ -263,6 +263,8 @@ class MoRA(AdapterMethod):
 
     method = "mora"
     label = "MoRA"  # no peft tuner: export folds it or converts it by SVD
+    suggest_roles = frozenset({"high_rank"})
+    default_lr_scale = 1.5  # no alpha: its step size is the learning rate alone
 
     def __init__(
         self,

@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from lightning_peft.core.hints import option_hint
+
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write via a temporary file in the same directory, fsync, then `os.replace`: never a torn file.
@@ -86,7 +88,9 @@ def check_replaceable(
             f"{'inside' if target.is_dir() else 'beside'} it); move it away or choose another path"
         )
     if not overwrite:
-        raise UnsafeWriteError(f"{str(target)!r} exists and is not empty; pass overwrite=True (--overwrite true)")
+        raise UnsafeWriteError(
+            f"{str(target)!r} exists and is not empty; pass {option_hint('overwrite', 'true', True)}"
+        )
     return target
 
 

@@ -8,6 +8,7 @@ and run a fit through the same `PeftCLI` as the command line, so a pilot run is 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,11 @@ def run_fit(config: str | Path, overrides: dict[str, Any]) -> pl.Trainer:
 
     cli = PeftCLI(args=cli_args(config, overrides))
     return cli.trainer
+
+
+def carried_params(model: Any, carried: Sequence[dict[str, Any]]) -> int:
+    """Trainable parameters of the carried rules alone (they count against the budget)."""
+
+    if not any(r.get("method") == "full" for r in carried):
+        return 0  # `none` rules carve out, they train nothing
+    return LayerPolicy.from_dict({"rules": list(carried), "strict": False}).resolve(model).trainable_params

@@ -32,17 +32,20 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer
+from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer, method_for_role
 from lightning_peft.diagnostics import TABLE_FILE, read_table
-from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.experiments.compare import Variant, run_comparison
 from lightning_peft.experiments.fingerprint import fingerprint
-from lightning_peft.experiments.runner import build_model, carried_rules, load_config, run_fit
+from lightning_peft.experiments.policy_search import SearchSettings
+from lightning_peft.experiments.policy_search_run import search_command
+from lightning_peft.experiments.runner import build_model, carried_params, carried_rules, load_config, run_fit
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
-from lightning_peft.policy.schema import register_jsonargparse_loader
 
-TIERS = ("skip", "low", "high", "dora", "base")
+TIERS = ("skip", "low", "high", "magnitude", "base")
+# The method of each tier is asked of the registry (`AdapterMethod.suggest_roles`); `high` may be overridden.
+TIER_ROLES = {"low": "low_rank", "high": "high_rank", "magnitude": "magnitude", "base": "low_rank"}
 
 
 class SuggestError(ValueError):
@@ -58,32 +61,36 @@ class SuggestSettings:
         pilot_rank: LoRA rank of the pilot run; the cap `r90` is compared with.
         pilot_steps: optimizer steps of the pilot.
         pilot_modules: module globs the pilot adapts (inside the repeated blocks); the candidates.
-        high_rank_method: method for rank-saturated modules (a registered method taking `r`).
+        high_rank_method: method for rank-saturated modules (a registered method taking `r`); default: the
+            registered method whose `suggest_roles` include `high_rank`.
         saturation: `r90 / pilot_rank` at or above which a module is rank-saturated.
         skip_below: `rel_norm / median` below which a module stays frozen.
         low_below: `rel_norm / median` below which a module gets a low-rank LoRA.
         dora_above: relative magnitude drift / rotation angle at or above which a module gets DoRA.
         low_rank_fraction: low-rank modules' rank as a fraction of the base rank.
-        lr_scales: learning-rate scale per method, written to each rule's `optim.lr_scale`.
+        lr_scales: learning-rate scale per method, written to each rule's `optim.lr_scale`; a method not
+            named gets its own `default_lr_scale`.
     """
 
     budget: int
     pilot_rank: int = 4
     pilot_steps: int = 50
     pilot_modules: list[str] = field(default_factory=lambda: ["*"])
-    high_rank_method: str = "mora"
+    high_rank_method: str | None = None
     saturation: float = 0.75
     skip_below: float = 0.1
     low_below: float = 0.5
     dora_above: float = 1.0
     low_rank_fraction: float = 0.25
-    lr_scales: dict[str, float] = field(default_factory=lambda: {"lora": 1.0, "dora": 1.0, "mora": 1.5})
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("budget", "pilot_rank", "pilot_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SuggestError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.high_rank_method is None:
+            self.high_rank_method = method_for_role("high_rank")
         try:
             cls = get_adapter_class(self.high_rank_method)
         except ValueError as err:
@@ -101,6 +108,10 @@ class SuggestSettings:
         bad = {k: v for k, v in self.lr_scales.items() if not (isinstance(v, int | float) and v > 0)}
         if bad:
             raise SuggestError(f"`lr_scales` must be positive numbers, got {bad}")
+
+    def lr_scale(self, method: str) -> float:
+        """The learning-rate scale of `method`'s rules: `lr_scales`, else the method's own default."""
+        return self.lr_scales.get(method, get_adapter_class(method).default_lr_scale)
 
 
 @dataclass
@@ -164,20 +175,27 @@ def decide(evidence: Sequence[ModuleEvidence], settings: SuggestSettings) -> lis
         if share < settings.skip_below:
             out.append(Decision(e, "skip", f"update {share:.2f}x the median < {settings.skip_below:g}: frozen"))
         elif share < settings.low_below:
-            out.append(Decision(e, "low", f"update {share:.2f}x the median < {settings.low_below:g}: low-rank lora"))
+            why = f"update {share:.2f}x the median < {settings.low_below:g}: low-rank {tier_method('low', settings)}"
+            out.append(Decision(e, "low", why))
         elif e.r90 >= settings.saturation * e.cap:
             why = f"r90 {e.r90:g} of the pilot's {e.cap} >= {settings.saturation:g}x: rank-saturated"
             out.append(Decision(e, "high", f"{why}, {settings.high_rank_method}"))
         elif e.mag_angle >= settings.dora_above:
-            why = f"mag/angle {e.mag_angle:.3g} >= {settings.dora_above:g}: magnitude-led, dora"
-            out.append(Decision(e, "dora", why))
+            method = tier_method("magnitude", settings)
+            why = f"mag/angle {e.mag_angle:.3g} >= {settings.dora_above:g}: magnitude-led, {method}"
+            out.append(Decision(e, "magnitude", why))
         else:
-            out.append(Decision(e, "base", "moderate, not saturated, direction-led: lora"))
+            out.append(Decision(e, "base", f"moderate, not saturated, direction-led: {tier_method('base', settings)}"))
     return out
 
 
 def tier_method(tier: str, settings: SuggestSettings) -> str:
-    return {"skip": "none", "low": "lora", "high": settings.high_rank_method, "dora": "dora", "base": "lora"}[tier]
+    """The method a tier gets: the registered method that declares the tier's role (`high` may be overridden)."""
+    if tier == "skip":
+        return "none"
+    if tier == "high":
+        return str(settings.high_rank_method)
+    return method_for_role(TIER_ROLES[tier])
 
 
 # -- from decisions to rules with ranks --------------------------------------------------------
@@ -204,10 +222,7 @@ class RuleChoice:
         return statistics.fmean(d.evidence.rel_norm for d in self.decisions)
 
     def hparams(self) -> dict[str, Any]:
-        hp: dict[str, Any] = {"r": self.rank}
-        if "alpha" in hyperparameter_names(get_adapter_class(self.method)):
-            hp["alpha"] = 2 * self.rank
-        return hp
+        return dict(get_adapter_class(self.method).hparams_for_rank(self.rank) or {"r": self.rank})
 
     def params(self) -> int:
         cls = get_adapter_class(self.method)
@@ -245,7 +260,7 @@ def group_rules(decisions: Sequence[Decision], settings: SuggestSettings) -> lis
         method = tier_method(d.tier, settings)
         key = (d.tier, d.evidence.kind)
         if key not in groups:
-            groups[key] = RuleChoice(d.tier, method, d.evidence.kind, [], lr_scale=settings.lr_scales.get(method, 1.0))
+            groups[key] = RuleChoice(d.tier, method, d.evidence.kind, [], lr_scale=settings.lr_scale(method))
         groups[key].decisions.append(d)
     kinds = list(dict.fromkeys(d.evidence.kind for d in decisions))  # model order, then tier order
     return sorted(groups.values(), key=lambda c: (kinds.index(c.kind), TIERS.index(c.tier)))
@@ -293,11 +308,11 @@ def allocate(choices: list[RuleChoice], budget: int, low_fraction: float) -> lis
 
 # -- the policy file ---------------------------------------------------------------------------
 
-TIER_SUMMARY = {
-    "low": "small update (rel_norm < {low_below:g}x the median): low-rank lora",
-    "high": "rank-saturated pilot update (r90 >= {saturation:g} x pilot rank {pilot_rank}): {high_rank_method}",
-    "dora": "magnitude-led update (mag/angle >= {dora_above:g}): dora",
-    "base": "moderate, unsaturated, direction-led update: lora",
+TIER_SUMMARY = {  # `{method}` is the tier's method (`tier_method`)
+    "low": "small update (rel_norm < {low_below:g}x the median): low-rank {method}",
+    "high": "rank-saturated pilot update (r90 >= {saturation:g} x pilot rank {pilot_rank}): {method}",
+    "magnitude": "magnitude-led update (mag/angle >= {dora_above:g}): {method}",
+    "base": "moderate, unsaturated, direction-led update: {method}",
 }
 
 
@@ -351,7 +366,7 @@ def policy_text(
     for body in (r for r in carried if r.get("method") == "none"):
         lines += ["  # carried over from the base policy"] + _yaml_item(body)
     for c in choices:
-        why = TIER_SUMMARY[c.tier].format(**vars(settings))
+        why = TIER_SUMMARY[c.tier].format(**vars(settings), method=c.method)
         lines.append(f"  # {c.kind} -> {c.method} r={c.rank}, lr x{c.lr_scale:g}: {why}")
         lines += [f"  #   {d.evidence.describe(median)}" for d in c.decisions]
         lines += _yaml_item(_rule_body(c, rule_modules(c, scope, blocks_path)))
@@ -375,24 +390,22 @@ ALL_BLOCKS = {"fraction": [0.0, 1.0]}
 
 
 def pilot_policy(settings: SuggestSettings, carried: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Uniform LoRA at `pilot_rank` on `pilot_modules` in every block, plus the carried rules."""
+    """The low-rank method (LoRA) at `pilot_rank` on `pilot_modules` in every block, plus the carried rules."""
+    method = pilot_method()
     rule = {
         "name": "pilot",
-        "method": "lora",
+        "method": method,
         "modules": list(settings.pilot_modules),
         "depth": dict(ALL_BLOCKS),
-        "hparams": {"r": settings.pilot_rank, "alpha": 2 * settings.pilot_rank},
+        "hparams": get_adapter_class(method).hparams_for_rank(settings.pilot_rank),
     }
     first = [r for r in carried if r.get("method") == "none"]
     return {"rules": [*first, rule, *[r for r in carried if r.get("method") != "none"]], "strict": False}
 
 
-def carried_params(model: Any, carried: Sequence[dict[str, Any]]) -> int:
-    """Trainable parameters of the carried rules alone (they count against the budget)."""
-
-    if not any(r.get("method") == "full" for r in carried):
-        return 0  # `none` rules carve out, they train nothing
-    return LayerPolicy.from_dict({"rules": list(carried), "strict": False}).resolve(model).trainable_params
+def pilot_method() -> str:
+    """The pilot trains the registered `low_rank` method: its diagnostics are what the rule reads."""
+    return method_for_role("low_rank")
 
 
 def pilot_candidates(model: Any, settings: SuggestSettings) -> list[str]:
@@ -420,14 +433,14 @@ def check_before_pilot(model: Any, settings: SuggestSettings, carried: Sequence[
         plan = LayerPolicy.from_dict(pilot_policy(settings, carried), source="pilot policy").resolve(model)
     except PolicyError as err:
         raise SuggestError(f"the pilot policy does not fit the model: {err}") from None
-    adapted = [r for r in plan.rows if r.method == "lora"]
-    lora = get_adapter_class("lora")
-    smallest = min(lora.count_parameters(r.in_features, r.out_features, r=1) for r in adapted)
+    pilot = get_adapter_class(pilot_method())
+    adapted = [r for r in plan.rows if r.method == pilot.method]
+    smallest = min(pilot.count_parameters(r.in_features, r.out_features, **pilot.hparams_for_rank(1)) for r in adapted)
     smallest += carried_params(model, carried)
     if settings.budget < smallest:
         raise SuggestError(
-            f"budget {settings.budget:,} is smaller than any policy: the smallest (LoRA r=1 on one module, plus the "
-            f"carried rules) has {smallest:,} trainable parameters"
+            f"budget {settings.budget:,} is smaller than any policy: the smallest ({pilot.label} r=1 on one module, "
+            f"plus the carried rules) has {smallest:,} trainable parameters"
         )
     check_budget_below_layers(settings.budget, [(r.in_features, r.out_features) for r in adapted], carried, model)
     return plan
@@ -454,7 +467,7 @@ def evidence_from_table(rows: Sequence[dict[str, Any]], plan: Any, cap: int) -> 
             last[row["module"]] = row
     out = []
     for p in plan.rows:
-        if p.method != "lora":
+        if p.method != pilot_method():
             continue
         row = last.get(p.name)
         if row is None or not math.isfinite(row["rel_norm"]):
@@ -588,11 +601,9 @@ def uniform_policy(method: str, rank: int, settings: SuggestSettings, carried: S
     """One method at one rank on every pilot module, at that method's learning-rate scale (a baseline)."""
     policy = pilot_policy(settings, carried)
     rule = next(r for r in policy["rules"] if r.get("name") == "pilot")
-    hparams: dict[str, Any] = {"r": rank}
-    if "alpha" in hyperparameter_names(get_adapter_class(method)):
-        hparams["alpha"] = 2 * rank
+    hparams = get_adapter_class(method).hparams_for_rank(rank)
     rule.update(name=f"{method}-uniform", method=method, hparams=hparams)
-    rule["optim"] = {"lr_scale": settings.lr_scales.get(method, 1.0)}
+    rule["optim"] = {"lr_scale": settings.lr_scale(method)}
     return policy
 
 
@@ -600,10 +611,9 @@ def uniform_rank(method: str, evidence: Sequence[ModuleEvidence], budget: int) -
     """The largest rank of `method` on every pilot module within `budget` (0 if even rank 1 does not fit),
     and at most the rank where an adapter reaches its layer's size."""
     cls = get_adapter_class(method)
-    alpha = "alpha" in hyperparameter_names(cls)
 
     def cost(r: int) -> int:
-        hp = {"r": r, "alpha": 2 * r} if alpha else {"r": r}
+        hp = cls.hparams_for_rank(r)
         return sum(cls.count_parameters(e.in_features, e.out_features, **hp) for e in evidence)
 
     lo, hi = 0, min(rank_within_layer(cls, e.in_features, e.out_features) for e in evidence)  # none outgrows its layer
@@ -620,7 +630,8 @@ def comparison_variants(
 
     evidence = [d.evidence for d in result.decisions]
     variants = [Variant("suggested", {"adapters.policy": str(result.policy_path)})]
-    for method in dict.fromkeys(("lora", "dora", settings.high_rank_method)):
+    roles = (method_for_role("low_rank"), method_for_role("magnitude"), settings.high_rank_method)
+    for method in dict.fromkeys(roles):
         rank = uniform_rank(method, evidence, spare)
         if rank > 0:
             variants.append(
@@ -648,20 +659,35 @@ def rules_table(result: SuggestResult):
 
 
 def suggest_command(
-    base: str, settings: SuggestSettings, out_dir: str = "suggestions", compare: bool = False, seed: int | None = None
-) -> SuggestResult:
-    """Suggest a per-layer policy from a pilot run (`lightning-peft suggest CONFIG --settings.budget N`).
+    base: str,
+    settings: SuggestSettings,
+    out_dir: str = "suggestions",
+    compare: bool = False,
+    seed: int | None = None,
+    strategy: Literal["heuristic", "search"] = "heuristic",
+    search: SearchSettings | None = None,
+    storage: str | None = None,
+) -> Any:
+    """Suggest a per-layer policy (`lightning-peft suggest CONFIG --settings.budget N [--strategy search]`).
 
     Args:
         base: the `lightning-peft fit` config of the task; its `none`/`full` rules are carried over.
         settings: the budget, the pilot and the thresholds of the decision rule (`SuggestSettings`).
         out_dir: where the pilot, `suggested_policy.yaml` and (with `compare`) the comparison go.
         compare: run the suggestion against uniform LoRA, DoRA and the high-rank method at the same
-            budget with `lightning-peft compare` (in `out_dir/comparison`).
-        seed: `seed_everything` for the comparison's runs.
+            budget with `lightning-peft compare` (in `out_dir/comparison`); with `search`, the chosen
+            policy against the best uniform one on `search.compare_seeds`.
+        seed: `seed_everything` for the comparison's runs (heuristic).
+        strategy: `heuristic` (a pilot run and a decision rule) or `search` (an Optuna search over
+            per-layer policies at the budget, `lightning_peft.experiments.policy_search`; needs the `search` extra).
+        search: the search's settings (`--search.n_trials`, `--search.metric`, ...).
+        storage: the search's Optuna storage URL (default: a SQLite file in `out_dir`); point several
+            processes at one database to share a search.
     """
     from rich import get_console
 
+    if strategy == "search":
+        return search_command(base, settings, search or SearchSettings(), out_dir, compare, storage, heuristic=suggest)
     result = suggest(base, out_dir, settings)
     console = get_console()
     console.print(rules_table(result))
@@ -671,17 +697,3 @@ def suggest_command(
         variants = comparison_variants(result, settings, result.carried, spare)
         run_comparison(base, variants, Path(out_dir) / "comparison", seed=seed)
     return result
-
-
-def suggest_main(args: list[str]) -> int:
-    """`lightning-peft suggest ...`: 0 done, 2 bad input (named before the pilot runs)."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        CLI(suggest_command, args=args, parser_mode=register_jsonargparse_loader())  # YAML read as `fit` reads it
-    except (SuggestError, CompareError) as err:
-        print(f"lightning-peft suggest: error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def cached_base(
         return folder
     if verbose:
         print(f"lightning-peft: building a base (once, cached) -> {folder}", flush=True)
+    start = time.perf_counter()
     model, record = build()
+    record = {**record, "build_time_s": round(time.perf_counter() - start, 1)}  # what the first run paid
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
