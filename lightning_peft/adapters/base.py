@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .quantized import check_mergeable, dequantized_linear, dequantized_weight, is_quantized, quantized_layer_types
+from .sharded import assign_whole, gather_rows, is_dtensor, local, row_range, whole
 
 try:  # GPT-2 style layers store their weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -97,7 +98,7 @@ def kaiming_uniform_(param: Tensor, generator: torch.Generator | None = None) ->
         return
     value = torch.empty(param.shape, dtype=torch.float32)
     nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
-    param.copy_(value)
+    assign_whole(param, value)  # a sharded parameter takes its own rows of the same draw
 
 
 def adapter_param_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -287,6 +288,18 @@ class AdapterMethod(nn.Module, ABC):
     def unmerge_weight(self, merged: Tensor) -> Tensor:
         """Invert `merge_weight`; additive methods' delta does not depend on W0."""
         return merged - self.delta_weight(merged)
+
+    def merge_rows(self, weight_rows: Tensor, rows: slice) -> Tensor:
+        """Rows `rows` of `merge_weight(W0)` from those rows of W0 alone: how a sharded (FSDP2) base
+        is merged where its shards are. The parameters may be sharded `DTensor`s: gather only the
+        small factors (`sharded.whole`). A method without this rule restarts only unsharded.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no row-wise merge rule for sharded bases")
+
+    @classmethod
+    def can_merge_rows(cls) -> bool:
+        """Whether the method defines `merge_rows` (merge-and-restart under FSDP2 needs it)."""
+        return cls.merge_rows is not AdapterMethod.merge_rows
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -488,14 +501,38 @@ class AdapterLinear(nn.Module):
         w.copy_(merged.to(w.dtype))
         self.merged = True
 
+    def base_weight_rows(self) -> tuple[Tensor, slice]:
+        """The rows of the `(out, in)` base weight this process holds, and which rows they are.
+
+        All rows unless FSDP2 shards them: then this rank's own block, with no communication.
+        A base sharded another way (a GPT-2 `Conv1D` stores `(in, out)`) is gathered whole.
+        """
+        w = self.base_weight()
+        rows = row_range(w)
+        if rows is None:
+            return whole(w), slice(0, w.shape[0])
+        return local(w), rows
+
+    def gather_rows(self, values: Tensor, rows: slice) -> Tensor:
+        """The whole `(out,)` vector from each rank's `values` for its `rows` (a small all-gather when sharded)."""
+        return gather_rows(values, rows, self.base_weight())
+
     @torch.no_grad()
     def restart_weight(self) -> Tensor:
-        """The base weight with this cycle's update folded in, in the base dtype (checked finite)."""
+        """The base weight with this cycle's update folded in, in the base dtype (checked finite).
+
+        Under FSDP2 only the rows this rank holds (`base_weight_rows`), merged by the method's
+        `merge_rows`; unsharded the whole weight, by `merge_weight`.
+        """
         if self.merged:
             raise ValueError(f"{self.method} layer is merged; merge-and-restart needs unmerged adapters")
         self.check_mergeable()
         w = self.base_weight()
-        merged = self.adapter.merge_weight(w.to(self.adapter_dtype)).to(w.dtype)
+        if is_dtensor(w):
+            rows_w, rows = self.base_weight_rows()
+            merged = self.adapter.merge_rows(rows_w.to(self.adapter_dtype), rows).to(w.dtype)
+        else:
+            merged = self.adapter.merge_weight(w.to(self.adapter_dtype)).to(w.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(f"Merging {self.method} produced non-finite weights")
         return merged
@@ -504,9 +541,19 @@ class AdapterLinear(nn.Module):
     def merge_and_restart(self, cycle: int, generator: torch.Generator, merged: Tensor | None = None) -> None:
         """Fold the update into the base weight and start cycle `cycle` from a zero update (ReLoRA)."""
         merged = self.restart_weight() if merged is None else merged
-        self.base_weight().copy_(merged)
+        self._write_base(merged)
         self.adapter.restart(self, cycle, generator)
         self.restarts = cycle
+
+    def _write_base(self, merged: Tensor) -> None:
+        """Write `restart_weight()`'s result: this rank's rows in place, or a gathered weight back to its shards."""
+        w = self.base_weight()
+        if not is_dtensor(w):
+            w.copy_(merged)
+        elif row_range(w) is not None:
+            local(w).copy_(merged)
+        else:
+            assign_whole(self.base.weight, merged.t() if self.fan_in_fan_out else merged)
 
     def set_restarts(self, cycle: int) -> None:
         """Mark the base weight as holding `cycle` merged cycles (a loaded checkpoint's state)."""

@@ -32,26 +32,10 @@ from torch import Tensor, nn
 
 from .base import register_adapter
 from .lora import LowRankFactors, lora_peft_mapping
+from .sharded import assign_whole, is_dtensor, whole
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
-
-try:  # sharded parameters (FSDP2 / ModelParallelStrategy)
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-
-
-def _full(t: Tensor) -> Tensor:
-    """The whole tensor: gathered from the ranks for a DTensor (a collective), else `t` itself."""
-    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def _assign(param: Tensor, value: Tensor) -> None:
-    """`param <- value` for a plain or sharded parameter (`value` is the whole tensor on every rank)."""
-    if DTensor is not None and isinstance(param, DTensor):
-        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
-    param.copy_(value)
 
 
 def base_row_sq(w0: Tensor) -> Tensor:
@@ -86,7 +70,7 @@ def _stamp(tensors: tuple[Tensor, ...]) -> tuple | None:
     `None` (never cache) for inference tensors (no version counter) and sharded DTensors.
     In-place edits bump the version; `.to()`/`.data =` change the storage or dtype.
     """
-    if any(t.is_inference() or (DTensor is not None and isinstance(t, DTensor)) for t in tensors):
+    if any(t.is_inference() or is_dtensor(t) for t in tensors):
         return None
     return tuple((weakref.ref(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
 
@@ -195,9 +179,13 @@ class DoRA(LowRankFactors):
 
     @torch.no_grad()
     def _magnitude_from(self, layer: AdapterLinear) -> Tensor:
-        """Row norms of the current effective weight (whole tensors, also when sharded), zero rows at 0."""
-        w0 = _full(layer.base_weight())
-        norm = dora_row_norms(w0, _full(self.lora_A), _full(self.lora_B), self.scaling, self.eps)
+        """Row norms of the current effective weight (whole `(out,)`), zero rows at 0.
+
+        Under FSDP2 each rank takes the norms of its own rows of the base; only the norms are gathered.
+        """
+        w_rows, rows = layer.base_weight_rows()
+        norm = dora_row_norms(w_rows, whole(self.lora_A), whole(self.lora_B)[rows], self.scaling, self.eps)
+        norm = layer.gather_rows(norm, rows)
         zero_rows = int((norm <= self.eps).sum())
         if zero_rows:
             name = getattr(layer, "name", "") or f"{self.in_features}->{self.out_features} layer"
@@ -212,8 +200,8 @@ class DoRA(LowRankFactors):
     def reset_magnitude(self, layer: AdapterLinear) -> None:
         """Set `m` to the row norm of the current effective weight (call after loading new W0)."""
         value = self._magnitude_from(layer)
-        _assign(self.magnitude, value)
-        self.magnitude_at_init = _full(self.magnitude).detach().clone()
+        assign_whole(self.magnitude, value)
+        self.magnitude_at_init = whole(self.magnitude).detach().clone()
         self.invalidate_cache()
 
     @torch.no_grad()
@@ -226,14 +214,14 @@ class DoRA(LowRankFactors):
         values, never addresses, so it is exact under sharding (gathers: call on every rank).
         """
         m0 = self.magnitude_at_init
-        m = _full(self.magnitude).detach()
+        m = whole(self.magnitude).detach()
         if m0 is None or m0.shape != m.shape or not torch.equal(m, m0.to(m.device, m.dtype)):
             return False
         value = self._magnitude_from(layer).to(m.dtype)
         if torch.equal(value, m):
             return False
-        _assign(self.magnitude, value)
-        self.magnitude_at_init = _full(self.magnitude).detach().clone()
+        assign_whole(self.magnitude, value)
+        self.magnitude_at_init = whole(self.magnitude).detach().clone()
         self.invalidate_cache()
         return True
 
@@ -297,6 +285,12 @@ class DoRA(LowRankFactors):
         self._merge_norm = n  # n cannot be recovered from the merged weight (peft does the same)
         self.invalidate_cache()
         return (self.magnitude.to(weight.dtype) / n).unsqueeze(1) * v
+
+    def merge_rows(self, weight_rows: Tensor, rows: slice) -> Tensor:
+        """`(m_i / ||V_i||) V_i`, `V_i = W0_i + s (BA)_i`, for this rank's rows: the norms need no other rank."""
+        v = weight_rows + self.low_rank_rows(rows).to(weight_rows.dtype)
+        n = torch.linalg.vector_norm(v, dim=1).clamp_min(self.eps)
+        return (whole(self.magnitude)[rows].to(weight_rows.dtype) / n).unsqueeze(1) * v
 
     def unmerge_weight(self, merged: Tensor) -> Tensor:
         if self._merge_norm is None:

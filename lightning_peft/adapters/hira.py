@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AdapterMethod, PeftMapping, check_dropout, check_rank, kaiming_uniform_, register_adapter
+from .sharded import whole
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
@@ -84,6 +85,11 @@ class HiRA(AdapterMethod):
         small = bool((factor.abs() < MIN_UNMERGE_FACTOR).any())
         self._premerge = weight.detach().clone() if small else None
         return weight * factor
+
+    def merge_rows(self, weight_rows: Tensor, rows: slice) -> Tensor:
+        """`W0_i ⊙ (1 + (B A)_i)` for this rank's rows, from `B`'s rows and the whole (small) `A`."""
+        factor = whole(self.hira_B)[rows] @ whole(self.hira_A)
+        return weight_rows * (1 + factor.to(weight_rows.dtype))
 
     def unmerge_weight(self, merged: Tensor) -> Tensor:
         if self._premerge is not None:

@@ -27,6 +27,7 @@ from .base import (
     kaiming_uniform_,
     register_adapter,
 )
+from .sharded import whole
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
@@ -123,6 +124,10 @@ class LowRankFactors(AdapterMethod):
     def low_rank_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
+    def low_rank_rows(self, rows: slice) -> Tensor:
+        """Rows `rows` of `s B A`; sharded factors are gathered whole (`(out, r)` and `(r, in)`: small)."""
+        return (whole(self.lora_B)[rows] @ whole(self.lora_A)) * self.scaling
+
     @torch.no_grad()
     def row_update(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """`||s (BA)_i||^2` and `<s (BA)_i, W0_i>` from `(out, r)` products: no `out x in` matrix."""
@@ -155,6 +160,9 @@ class LoRA(LowRankFactors):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.low_rank_weight().to(weight.dtype)
+
+    def merge_rows(self, weight_rows: Tensor, rows: slice) -> Tensor:
+        return weight_rows + self.low_rank_rows(rows).to(weight_rows.dtype)
 
     @torch.no_grad()
     def update_singular_values(self, weight: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AdapterMethod, accumulation_dtype, check_dropout, check_rank, register_adapter
+from .sharded import whole
 
 if TYPE_CHECKING:
     from .base import AdapterLinear
@@ -364,12 +365,20 @@ class MoRA(AdapterMethod):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """Dense `(out, in)` update `D core C`, built by index maps (no loop over columns)."""
-        core = self._dense_core(self.mora_M.to(weight.dtype))  # (S, S)
+        return self.dense_rows(self.mora_M.to(weight.dtype), slice(None))
+
+    def merge_rows(self, weight_rows: Tensor, rows: slice) -> Tensor:
+        """This rank's rows of `W0 + D core C`, from the whole (`R x R`) M."""
+        return weight_rows + self.dense_rows(whole(self.mora_M).to(weight_rows.dtype), rows)
+
+    def dense_rows(self, m: Tensor, rows: slice) -> Tensor:
+        """Rows `rows` of the dense update for the core matrix `m`: output row i copies core row `D(i)`."""
+        core = self._dense_core(m)  # (S, S)
         dev = core.device
-        rows = self.ops.decompress.index(self.out_features, self.slots, dev)  # (d,)
+        index = self.ops.decompress.index(self.out_features, self.slots, dev)[rows]  # (rows,)
         cols, slots = self.ops.compress.pairs(self.in_features, self.r_hat, self.chunks, dev)
-        core_rows = torch.where((rows >= 0)[:, None], core[rows.clamp_min(0)], torch.zeros_like(core[:1]))
-        dw = torch.zeros(self.out_features, self.in_features, dtype=core.dtype, device=dev)
+        core_rows = torch.where((index >= 0)[:, None], core[index.clamp_min(0)], torch.zeros_like(core[:1]))
+        dw = torch.zeros(len(index), self.in_features, dtype=core.dtype, device=dev)
         return dw.index_add_(1, cols, core_rows[:, slots])
 
     # -- exact singular values from R x R problems ---------------------------------------

@@ -339,6 +339,7 @@ class AdapterCallback(Callback):
             # FSDP2 (ModelParallelStrategy) loads the weights itself, through the module's
             # `load_state_dict` (so the pre-hook checked them), and hands callbacks the rest.
             check_checkpoint_plan(pl_module, checkpoint, _checkpoint_source(trainer))
+            set_restarts(pl_module, stored_restarts(checkpoint, _checkpoint_source(trainer)))
             self._check_resumed_optim(trainer, pl_module, checkpoint)
             return
         check_checkpoint(pl_module, checkpoint, _checkpoint_source(trainer))

@@ -17,7 +17,12 @@ Where and why (docs/restart.md):
 - Re-draws use a CPU generator seeded from `(seed, cycle, layer index)`: the same on every
   DDP rank and after a resume (Lightning does not restore RNG states).
 - Merging is all or nothing: every merged weight is computed and checked finite before any
-  layer changes.
+  layer changes (under FSDP2 on every rank: the ranks agree before any of them writes).
+- Under FSDP2 (`ModelParallelStrategy`) each rank merges its own rows of each base weight
+  (`AdapterMethod.merge_rows`), gathering only the small adapter factors; the re-draws are
+  the same on every rank, each keeping its own rows; optimizer state is reset or pruned per
+  shard (pruning's threshold is taken over the whole, adapter-sized, state tensor). FSDP1 and
+  DeepSpeed shard flattened parameters, not rows: refused (`check_companions`).
 - From the first restart on, the base weights of the adapted modules are trained state:
   checkpoints (adapter-only ones included) carry them, and record the cycle count.
 """
@@ -39,6 +44,7 @@ from lightning_peft.adapters.base import AdapterLinear
 from lightning_peft.callbacks.adapter import AdapterCallback
 from lightning_peft.core.hints import option_hint
 from lightning_peft.core.inject import AdapterStateError, find_adapters, model_restarts
+from lightning_peft.core.sharding import any_rank, full_tensor, is_sharded, local_tensor
 from lightning_peft.diagnostics import UpdateDiagnostics
 from lightning_peft.policy import normalise_name
 
@@ -70,6 +76,12 @@ def check_restartable(model: nn.Module) -> list[tuple[str, AdapterLinear]]:
             f"MergeRestart: method(s) {no_rule} have no re-initialisation rule (AdapterMethod.restart), "
             f"e.g. module {where!r}; give those modules another method or train without MergeRestart"
         )
+    no_rows = sorted({layer.method for _, layer in layers if not type(layer.adapter).can_merge_rows()})
+    if no_rows and is_sharded(model):
+        raise RestartError(
+            f"MergeRestart under FSDP2: method(s) {no_rows} have no row-wise merge rule (AdapterMethod.merge_rows) "
+            "for sharded base weights; give those modules another method, or train them with DDP"
+        )
     return layers
 
 
@@ -86,17 +98,26 @@ def restart_adapters(model: nn.Module, cycle: int, seed: int = 0) -> list[nn.Par
     layer's weight of extra memory: the check pass discards, the merge pass recomputes).
     """
     layers = check_restartable(model)
-    for name, layer in layers:
-        try:
-            layer.restart_weight()
-        except ValueError as err:
-            where = normalise_name(name)
-            raise AdapterStateError(f"Restart {cycle} at {where!r}: {err}; no layer was merged") from None
+    errors = [_merge_error(layer) for _, layer in layers]
+    failed = any_rank([err is not None for err in errors], model)  # FSDP2: every rank checked only its rows
+    for (name, _), err, bad in zip(layers, errors, failed, strict=True):
+        if bad:
+            why = err or "merging produced non-finite weights on another rank"
+            raise AdapterStateError(f"Restart {cycle} at {normalise_name(name)!r}: {why}; no layer was merged")
     params: list[nn.Parameter] = []
     for index, (_, layer) in enumerate(layers):
         layer.merge_and_restart(cycle, layer_generator(seed, cycle, index))
         params.extend(p for p in layer.adapter.parameters() if p.requires_grad)
     return params
+
+
+def _merge_error(layer: AdapterLinear) -> str | None:
+    """Why `layer` cannot be merged now (None: it can); the merged weight is discarded."""
+    try:
+        layer.restart_weight()
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 @torch.no_grad()
@@ -121,20 +142,26 @@ def reset_optimizer_state(
 
 
 def prune_smallest_(tensor: torch.Tensor, ratio: float) -> None:
-    """Zero the `ratio` share of entries with the smallest magnitude, in place."""
+    """Zero the `ratio` share of entries with the smallest magnitude, in place.
+
+    A sharded (FSDP2) state tensor: the threshold is taken over the whole tensor (adapter-sized,
+    gathered), each rank zeroes its own block, so the result is the unsharded one.
+    """
     k = int(ratio * tensor.numel())
     if k <= 0:
         return
-    threshold = tensor.abs().flatten().kthvalue(k).values
-    tensor.masked_fill_(tensor.abs() <= threshold, 0)
+    threshold = full_tensor(tensor).abs().flatten().kthvalue(k).values
+    block = local_tensor(tensor)
+    block.masked_fill_(block.abs() <= threshold, 0)
 
 
 @torch.no_grad()
 def snapshot_origins(model: nn.Module) -> None:
     """Keep a CPU copy of each adapted module's base weight as it is now: the reference of the
-    cumulative diagnostics (taken before any restart, or just before a checkpoint loads)."""
+    cumulative diagnostics (taken before any restart, or just before a checkpoint loads).
+    Under FSDP2 every rank keeps the whole weight (gathered: a collective), as diagnostics measure there."""
     for _, layer in find_adapters(model):
-        layer.origin_weight = layer.base_weight().detach().to("cpu", copy=True)
+        layer.origin_weight = full_tensor(layer.base_weight().detach()).to("cpu", copy=True)
 
 
 def jagged_cosine_lambda(
@@ -348,8 +375,12 @@ def check_companions(trainer: pl.Trainer) -> None:
     """Refuse other callbacks' settings that cannot work once base weights change during training."""
 
     strategy = type(trainer.strategy).__name__
-    if strategy in ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy"):
-        raise RestartError(f"MergeRestart does not support {strategy} yet (sharded base weights); use DDP")
+    if strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
+        raise RestartError(
+            f"MergeRestart does not support {strategy}: it shards flattened parameters, not rows of each weight, "
+            "so a rank cannot merge its shard alone (and it is untested here); use ModelParallelStrategy (FSDP2, "
+            "`fully_shard` in configure_model) or DDP"
+        )
     for cb in trainer.callbacks:
         if not isinstance(cb, AdapterCallback):
             continue

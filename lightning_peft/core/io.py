@@ -3,6 +3,8 @@
 `atomic_write` never leaves a file half written; `check_replaceable` decides whether a path
 may be written over at all: only what the tool itself wrote (its marker proves it), never the
 working directory, never a folder holding the source of the write, never through a symlink.
+`build_once` builds a cache that several processes (ranks, nodes on a shared filesystem) may
+ask for at once exactly once, never seen half built.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: builds are still atomic, but may run more than once
+    fcntl = None  # type: ignore[assignment]
 
 from lightning_peft.core.hints import option_hint
 
@@ -47,6 +54,52 @@ def _new_temp_file(path: Path) -> Path:
             return tmp
         except FileExistsError:
             continue
+
+
+def build_once(path: Path, build: Callable[[Path], object]) -> Path:
+    """Make `path` (a file or a folder) exist, built by one process however many ask at once.
+
+    `build(tmp)` writes the result at `tmp`, a fresh path in the same directory, which is then
+    renamed to `path`: a crash never leaves half a result, and a present `path` is complete.
+    The first process to take the lock file `.<name>.lock` next to `path` builds; the others
+    wait on the lock and then find `path` built (on a shared filesystem with POSIX locks, the
+    same holds across nodes). A failed build raises in the process that ran it and releases the
+    lock: a waiting process then tries once itself.
+    """
+    path = Path(path).expanduser()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent / f".{path.name}.lock"):
+        if path.exists():  # built by the process that held the lock before us
+            return path
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            build(tmp)
+            if not tmp.exists():
+                raise FileNotFoundError(f"build_once: the builder of {path} wrote nothing at the path it was given")
+            os.replace(tmp, path)
+        finally:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp.exists():
+                tmp.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive `flock` on `lock_path`, held for the block (released by the OS if the process dies)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # -- replacing what exists: one rule for every writer --------------------------------------

@@ -60,6 +60,24 @@ def squared_norm(tensor: Tensor) -> Tensor:
     return tensor.float().square().sum()
 
 
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's block of a `DTensor` (a view: writing it writes the tensor), or `tensor` itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def any_rank(flags: list[bool], model: nn.Module) -> list[bool]:
+    """Each flag OR-ed over the ranks when `model` is sharded (a collective), so that every rank
+    takes the same branch (raise, or go on to the next collective); `flags` itself otherwise."""
+    if not flags or not is_sharded(model) or not torch.distributed.is_initialized():
+        return flags
+    device = local_tensor(next(model.parameters())).device
+    votes = torch.tensor(flags, dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]
+
+
 def full_tensor(tensor: Tensor) -> Tensor:
     """The whole tensor of a `DTensor` (a collective), or `tensor` itself."""
     if DTensor is not None and isinstance(tensor, DTensor):

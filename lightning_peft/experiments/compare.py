@@ -529,6 +529,25 @@ def _run_and_save(
     return record
 
 
+def _run_plans(config: str | Path, plans: list, out_dir: Path, seed: int | None, shared: SharedParser) -> list:
+    """Run the planned variants in order (a finished one is taken as recorded); gather after each."""
+    from rich import get_console
+
+    console = get_console()
+    records: list[VariantRecord] = []
+    for index, (variant, fp, previous) in enumerate(plans, 1):
+        if previous is not None:
+            records.append(previous)
+            console.print(_summary_line(index, len(plans), previous, skipped=True))
+            continue
+        console.rule(f"[{index}/{len(plans)}] {variant.name}")
+        records.append(_run_and_save(config, variant, fp, out_dir, seed, shared))
+        console.print(_summary_line(index, len(plans), records[-1]))
+        _gather(out_dir, records)
+    _gather(out_dir, records)
+    return records
+
+
 def run_comparison(
     config: str | Path,
     variants: Sequence[Variant | Mapping[str, Any]],
@@ -571,22 +590,11 @@ def run_comparison(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = _plan_runs(config, ready, out_dir, seed, rerun)
-    records: list[VariantRecord] = []
-    for index, (variant, fp, previous) in enumerate(plans, 1):
-        if previous is not None:
-            records.append(previous)
-            console.print(_summary_line(index, len(plans), previous, skipped=True))
-            continue
-        console.rule(f"[{index}/{len(plans)}] {variant.name}")
-        records.append(_run_and_save(config, variant, fp, out_dir, seed, shared))
-        console.print(_summary_line(index, len(plans), records[-1]))
-        _gather(out_dir, records)
-    _gather(out_dir, records)
-    if table or figures:
-        if figures:
-            draw_comparison(out_dir, records, metric=metric, forget_metric=forget_metric)
-        if table:
-            console.print(comparison_table(records, metric=metric, forget_metric=forget_metric))
+    records = _run_plans(config, plans, out_dir, seed, shared)
+    if figures:
+        draw_comparison(out_dir, records, metric=metric, forget_metric=forget_metric)
+    if table:
+        console.print(comparison_table(records, metric=metric, forget_metric=forget_metric))
     console.print(
         f"comparison written to {out_dir} ({COMPARISON_FILE}, figures, one folder per variant)", soft_wrap=True
     )

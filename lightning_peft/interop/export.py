@@ -268,6 +268,25 @@ def _check_exportable(model: nn.Module) -> Plan:
     return plan
 
 
+def _check_restarts_exportable(model: nn.Module, save_base: bool) -> None:
+    """A base that holds merged restart cycles must travel with the adapters (peft would apply them to the original)."""
+    restarts = model_restarts(model)
+    if restarts and not save_base:
+        raise ExportError(
+            f"The base weights hold {restarts} merged restart cycle(s) (MergeRestart): peft would apply these "
+            f"adapters to the original base. Pass {option_hint('save_base', 'true', True)} (the merged base goes "
+            "to out/base) or export merged (`--format merged`, Python: `export_merged`)"
+        )
+
+
+def _check_base_writable(hf: nn.Module, needed: bool) -> None:
+    if needed and not hasattr(hf, "save_pretrained"):
+        raise ExportError(
+            f"{type(hf).__name__} has no save_pretrained to write the base; pass "
+            f"{option_hint('submodule', 'NAME', 'NAME')} naming the Hugging Face model inside it"
+        )
+
+
 def export_peft(
     model: nn.Module,
     out: str | Path,
@@ -298,22 +317,12 @@ def export_peft(
         protected: paths `out` must not hold (the checkpoint being exported); see `core.io.check_replaceable`.
     """
     plan = _check_exportable(model)
-    restarts = model_restarts(model)
-    if restarts and not save_base:
-        raise ExportError(
-            f"The base weights hold {restarts} merged restart cycle(s) (MergeRestart): peft would apply these "
-            f"adapters to the original base. Pass {option_hint('save_base', 'true', True)} (the merged base goes "
-            "to out/base) or export merged (`--format merged`, Python: `export_merged`)"
-        )
+    _check_restarts_exportable(model, save_base)
     prefix, hf = resolve_submodule(model, submodule)
     rows = _strip_prefix(plan.rows, prefix)
     chosen = _routes_for(rows, routes, (svd_rank, svd_energy))
     _check_one_peft_type(rows, chosen)
-    if (save_base or "fold" in chosen.values()) and not hasattr(hf, "save_pretrained"):
-        raise ExportError(
-            f"{type(hf).__name__} has no save_pretrained to write the base; pass "
-            f"{option_hint('submodule', 'NAME', 'NAME')} naming the Hugging Face model inside it"
-        )
+    _check_base_writable(hf, save_base or "fold" in chosen.values())
     check_target(out, overwrite, protected)
     layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
     peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]

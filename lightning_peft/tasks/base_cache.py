@@ -3,8 +3,9 @@
 A base is built once, deterministically, and saved with `save_pretrained` in
 `$LIGHTNING_PEFT_CACHE/<kind>/<hash>` (default `~/.cache/lightning-peft/...`), the hash covering
 everything that decides its weights (model config, data, seed, steps). The folder is written to a
-temporary sibling and renamed into place, so a crash never leaves half a base, and processes that
-start together each build and the first rename wins (the others drop their copy).
+temporary sibling and renamed into place, so a crash never leaves half a base; processes that start
+together (every rank of every node, on a shared filesystem) build it once: one builds under a lock
+file, the others wait for it (`lightning_peft.core.io.build_once`, docs/multinode.md).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_peft.core.io import build_once
 
 __all__ = ["BASE_RECORD", "base_cache_key", "cache_root", "cached_base"]
 
@@ -46,25 +47,21 @@ def cached_base(
     """The folder of the base `spec` describes under `root`, built by `build() -> (model, record)` if absent.
 
     `lightning_peft_base.json` in the folder holds `{"spec": spec, **record}` (how the build went).
+    Built by one process however many start together (`build_once`): the others wait, then load it.
     """
     folder = Path(root).expanduser() / base_cache_key(spec)
     if (folder / BASE_RECORD).is_file():
         return folder
-    if verbose:
-        print(f"lightning-peft: building a base (once, cached) -> {folder}", flush=True)
-    start = time.perf_counter()
-    model, record = build()
-    record = {**record, "build_time_s": round(time.perf_counter() - start, 1)}  # what the first run paid
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+
+    def write(tmp: Path) -> None:
+        if verbose:
+            print(f"lightning-peft: building a base (once, cached) -> {folder}", flush=True)
+        start = time.perf_counter()
+        model, record = build()
+        record = {**record, "build_time_s": round(time.perf_counter() - start, 1)}  # what the first run paid
         model.save_pretrained(tmp)
         (tmp / BASE_RECORD).write_text(json.dumps({"spec": spec, **record}, indent=2))
-        os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (folder / BASE_RECORD).is_file():  # not a concurrent writer that won the race
-            raise
-    if verbose:
-        print(f"lightning-peft: base built: {record}", flush=True)
-    return folder
+        if verbose:
+            print(f"lightning-peft: base built: {record}", flush=True)
+
+    return build_once(folder, write)
