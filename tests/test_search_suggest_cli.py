@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import yaml
+from helpers import TINY_CAUSAL_LM
 
 from lightning_peft import LayerPolicy
 from lightning_peft.cli.main import main
@@ -22,18 +23,7 @@ TINY = {
         "enable_model_summary": False,
         "enable_checkpointing": False,
     },
-    "model": {
-        "class_path": "lightning_peft.tasks.CausalLM",
-        "init_args": {
-            "vocab_size": 32,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "lr": 0.003,
-        },
-    },
+    "model": {**TINY_CAUSAL_LM, "init_args": {**TINY_CAUSAL_LM["init_args"], "lr": 0.003}},
     "data": {"class_path": "lightning_peft.tasks.UUIDMemorization", "init_args": {"num_pairs": 8, "batch_size": 8}},
     "adapters": {"policy": "lora_all"},
     "diagnostics": {"every_n_steps": 1, "plots": False},

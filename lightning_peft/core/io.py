@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - Windows: builds are still atomic, but 
     fcntl = None  # type: ignore[assignment]
 
 from lightning_peft.core.hints import option_hint
+from lightning_peft.errors import InputError
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -105,7 +106,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
 # -- replacing what exists: one rule for every writer --------------------------------------
 
 
-class UnsafeWriteError(ValueError):
+class UnsafeWriteError(InputError):
     """A write refused because it could destroy something lightning-peft did not write (one-line reason)."""
 
 

@@ -54,6 +54,7 @@ from lightning_peft.core.io import UnsafeWriteError, check_replaceable, replace_
 from lightning_peft.core.names import prefix_hint
 from lightning_peft.core.stored import AdapterStateError, check_state
 from lightning_peft.diagnostics.snapshot import write_snapshot
+from lightning_peft.errors import InputError
 from lightning_peft.interop.hf_classes import auto_class_name, peft_task_type
 from lightning_peft.interop.manifest import MANIFEST_FILE, adapter_folders, read_manifest
 from lightning_peft.interop.peft_format import (
@@ -75,7 +76,7 @@ BASE_DIR = "base"
 ROUTES = ("fold", "svd")
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """An export or import that cannot be done as asked; nothing was written or changed."""
 
 
@@ -691,6 +692,8 @@ def import_peft(model: nn.Module, directory: str | Path, *, submodule: str | Non
         extra = sorted({r.name for r in plan.rows} - expected)
         raise ExportError(f"{directory}: module names are ambiguous in this model (also matched {extra[:4]})")
     inject_adapters(model, plan)
+    for _, layer in find_adapters(model):  # new layers in the model's mode: an eval model stays deterministic
+        layer.train(model.training)
     load_adapter_state(model, state)
     return plan
 
