@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+from lightning_peft.errors import InputError
 
-class CompareError(ValueError):
+
+class CompareError(InputError):
     """A comparison that cannot run as given, or a comparison file that cannot be read back.
 
     Raised before any variant trains; the message names the variant, file, row or column at fault.

@@ -7,6 +7,7 @@ injects adapters before the optimizer is built trains only the adapters.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
@@ -168,6 +169,11 @@ class CausalLM(TaskModule):
         if quantization is not None and is_none_path(pretrained_path):
             raise ValueError(f"CausalLM(quantization={quantization!r}) quantizes a loaded model: set pretrained_path")
         self.save_hyperparameters()
+        # Under LightningCLI the saved hyper-parameters are the config's, i.e. a subclass's own arguments
+        # (UUIDContinualLM passes `pretrained_path` on): keep the ones of this class that it did not list.
+        given = locals()
+        own = [k for k in inspect.signature(CausalLM.__init__).parameters if k != "self"]
+        self.hparams.update({k: given[k] for k in own if k not in self.hparams})
         self.tokenizer: Any = CharTokenizer()
         self.sample_prompt_ids: list[list[int]] = []
         with seeded(init_seed):
