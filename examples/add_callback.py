@@ -5,7 +5,8 @@
 The module below is what a Lightning + HF user already has: a causal LM, a training step,
 and an optimizer over `self.parameters()`. `AdapterCallback` injects MoRA into the outer
 blocks and DoRA into the inner ones before `configure_optimizers` runs, so the optimizer
-sees only the adapter tensors; the base model stays frozen.
+sees only the adapter tensors; the base model stays frozen. Everything it writes goes
+under `runs/add_callback/` (checkpoints, then the saved adapters in `adapters/`).
 """
 
 import lightning as L
@@ -39,17 +40,26 @@ class MyLanguageModel(L.LightningModule):  # unchanged user code: it knows nothi
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-def main() -> None:
+RUN_DIR = "runs/add_callback"
+
+
+def main(run_dir: str = RUN_DIR, max_steps: int = 40) -> None:
     L.seed_everything(0)
     tokens = torch.randint(0, 64, (64, 24), generator=torch.Generator().manual_seed(0))
     data = DataLoader(TensorDataset(tokens), batch_size=16, shuffle=True)
 
     policy = LayerPolicy.from_yaml("mora_outer_dora_inner")  # a preset name, or any YAML path
     model = MyLanguageModel()
-    trainer = L.Trainer(max_steps=40, callbacks=[AdapterCallback(policy)], accelerator="cpu", logger=False)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        callbacks=[AdapterCallback(policy)],
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=run_dir,  # checkpoints go to run_dir/checkpoints, not the current folder
+    )
     trainer.fit(model, data)
-    save_adapters(model, "adapters_out")  # adapters.safetensors + plan.json, the size of the adapters
-    print("saved adapters to adapters_out/")
+    save_adapters(model, f"{run_dir}/adapters")  # adapters.safetensors + plan.json, the size of the adapters
+    print(f"run folder: {run_dir} (checkpoints/, adapters/)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from lightning_peft.cli.main import main
 from lightning_peft.policy import list_presets, preset_text
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+# sft_* configs train a user's model folder: tests/test_local_data.py runs them on a tiny one it builds.
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sft_"))
 UUID_CONFIGS = [c for c in CONFIGS if c.startswith("uuid_")]
 
 
@@ -105,6 +106,22 @@ def test_dotted_override_changes_the_policy(capsys):
     assert "total dora" in out and "total mora" not in out
 
 
+def test_a_policy_mapping_on_the_command_line_replaces_the_configs(tmp_path, capsys):
+    """jsonargparse would merge the two mappings field by field; the policy named last is the policy."""
+    config_policy = {"rules": [{"name": "mlp", "method": "mora", "modules": ["mlp.*"], "hparams": {"r": 4}}]}
+    override = tmp_path / "policy_in_config.yaml"
+    override.write_text(yaml.safe_dump({"adapters": {"policy": config_policy}}))
+    cli_policy = "{rules: [{name: attn, method: lora, modules: [q_proj, v_proj]}]}"
+    args = ["plan", "--config", "configs/uuid_hybrid.yaml", "--config", str(override)]
+    main([*args, "--adapters.policy", cli_policy])
+    out = capsys.readouterr().out
+    assert "total lora" in out and "total mora" not in out and "mlp" not in out
+    main([*args, f"--adapters.policy={cli_policy}"])
+    assert "total mora" not in capsys.readouterr().out
+    main(args)  # the config's own policy when the command line names none
+    assert "total mora" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -193,13 +210,16 @@ def test_validate_on_a_fresh_module_from_the_fit_checkpoint(tmp_path, capsys):
 def test_report_re_renders_a_finished_run(tmp_path, capsys):
     main(["fit", "--config", "configs/uuid_mora.yaml", "--config", str(_short_run(tmp_path))])
     run = tmp_path / "run" / "version_0"
+    assert f"run folder: {run}" in capsys.readouterr().out  # fit ends by saying where it wrote
     for png in run.glob("*.png"):
         png.unlink()
-    capsys.readouterr()
     main(["report", str(run)])
     out = capsys.readouterr().out
     assert "mora" in out and "rel. norm" in out
     assert list(run.glob("*.png"))
+    assert f"figures written to {run}:" in " ".join(out.split()) and "replacing" not in out
+    main(["report", str(run)])
+    assert "replacing the" in capsys.readouterr().out  # the second time it says it redrew them
 
 
 def test_report_on_a_missing_dir_fails_clearly(tmp_path):
@@ -267,17 +287,22 @@ def test_cli_writes_checkpoints_through_the_atomic_plugin_it_shows(capsys):
     assert isinstance(with_callbacks.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-def test_without_a_logger_every_file_lands_under_default_root_dir(tmp_path, monkeypatch):
+def test_without_a_logger_every_file_lands_under_default_root_dir(tmp_path, monkeypatch, capsys):
     """`--trainer.logger false`: CSV, figures, config.yaml and checkpoints go to the config's
-    `default_root_dir`, nothing into the current folder."""
+    `default_root_dir`, nothing into the current folder; the run says where; a second run that
+    replaces the first one's diagnostics says so."""
     monkeypatch.chdir(tmp_path)
-    main(
+    args = (
         ["fit", "--config", str(REPO / "configs" / "uuid_lora.yaml"), "--adapters.policy", "lora_all"]
         + ["--trainer.logger", "false", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
         + ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "1"]
     )
+    main(args)
+    assert "run folder: runs/uuid_lora" in capsys.readouterr().out
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     root = "runs/uuid_lora/"
     assert {root + "config.yaml", root + "update_diagnostics.csv", root + "updates_heatmap.png"} <= written
     assert any(p.startswith(root + "checkpoints/") and p.endswith(".ckpt") for p in written)
     assert all(p.startswith(root) for p in written), sorted(written)
+    with pytest.warns(UserWarning, match="holds the diagnostics of an earlier run"):
+        main(args)

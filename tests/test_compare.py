@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 import lightning_peft.experiments.compare as compare_module
+from lightning_peft.cli.main import main
 from lightning_peft.experiments.compare import (
     CompareError,
     Variant,
-    compare_main,
     parse_variants,
     read_comparison,
     read_curves,
@@ -83,7 +83,7 @@ def test_two_variants_end_to_end_then_resume_skips_them(base_config, tmp_path, m
     }  # fmt: skip
     for name in ("metric_vs_params", "learn_vs_forget", "depth_diagnostics"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"  # data: test_figures.py
-    assert (tmp_path / "lora" / "forgetting.csv").is_file() and (tmp_path / "lora" / "metrics.csv").is_file()
+    assert (tmp_path / "lora" / "forgetting.csv").is_file() and (tmp_path / "lora" / "csv" / "metrics.csv").is_file()
 
     monkeypatch.setattr(compare_module, "run_variant", lambda *a, **k: pytest.fail("a finished variant ran again"))
     again = run_comparison(base_config, variants, tmp_path, figures=False, table=False)
@@ -100,7 +100,9 @@ def test_a_failing_variant_is_recorded_and_the_others_run(base_config, tmp_path,
         ],
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    assert compare_main(["--config", str(tmp_path / "spec.yaml"), "--figures", "false"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--config", str(tmp_path / "spec.yaml"), "--figures", "false"])
+    assert exit_info.value.code == 1
     assert "1 variant(s) failed: nothing_matches" in capsys.readouterr().err
     bad, good = read_comparison(tmp_path)
     assert bad.status == "failed" and "PolicyError" in bad.error and "no_such_layer" in bad.error

@@ -18,6 +18,8 @@ from lightning_peft import AdapterCallback, find_adapters, get_plan, inject_adap
 from lightning_peft.interop.export import (
     MANIFEST_FILE,
     ExportError,
+    ExportReport,
+    LayerFidelity,
     export_merged,
     export_peft,
     load_peft_export,
@@ -333,7 +335,7 @@ def test_bad_exports_are_named_errors_and_write_nothing(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.gate_proj \(mora\)"):
         export_peft(model, target)  # MoRA without a route
-    with pytest.raises(ExportError, match="exactly one of svd_rank"):
+    with pytest.raises(ExportError, match="exactly one of (--)?svd_rank"):
         export_peft(model, target, routes={"mora": "svd"})
     merge_adapters(model)
     with pytest.raises(ExportError, match="merged"):
@@ -356,7 +358,7 @@ def test_non_empty_target_needs_overwrite_and_a_failed_write_leaves_the_old_fold
     (target / "keep.txt").write_text("mine")
     before = sorted(p.name for p in target.iterdir())
     for call in (lambda: export_peft(model, target), lambda: export_merged(model, target)):
-        with pytest.raises(ExportError, match="not empty; pass overwrite=True"):
+        with pytest.raises(ExportError, match="not empty; pass `--overwrite true`"):
             call()
     assert sorted(p.name for p in target.iterdir()) == before
 
@@ -438,7 +440,9 @@ def test_import_names_the_prefix_when_modules_are_missing(tmp_path):
 
     _, folder = peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"])
     module = CausalLMModule(tiny_llama(0))
-    with pytest.raises(ExportError, match=r"lack the prefix 'model\.'; pass submodule='model'"):
+    with pytest.raises(
+        ExportError, match=r"lack the prefix 'model\.'; pass `--submodule model` \(Python: `submodule='model'`\)"
+    ):
         import_peft(module, folder, submodule="")  # explicitly the LightningModule itself: names are off by `model.`
     assert get_plan(module) is None
     with pytest.raises(ExportError, match="does not exist"):
@@ -528,3 +532,19 @@ def test_peft_lora_options_we_do_not_reproduce_are_named_errors(tmp_path):
         with pytest.raises(PeftFormatError, match=match):
             import_peft(model, folder)
         assert get_plan(model) is None
+
+
+def test_svd_table_fits_80_columns_without_wrapping_module_names():
+    from rich.console import Console
+
+    names = [f"model.model.layers.{b}.{kind}" for b in (0, 5) for kind in ("self_attn.q_proj", "mlp.down_proj")]
+    report = ExportReport(path="out", format="peft", max_logit_diff=1.5e-3)
+    report.converted = [LayerFidelity(n, "mora", 27, 128, 0.99, 1.2e-2, 3.4e-4) for n in names]
+    console = Console(width=80, record=True, color_system=None)
+    console.print(report.table())
+    text = console.export_text()
+    assert "under model.model.layers." in text
+    for name in names:
+        short = name.removeprefix("model.model.layers.")
+        assert any(short in line and "27/128" in line for line in text.splitlines()), text
+    assert max(len(line) for line in text.splitlines()) <= 80

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -572,6 +573,15 @@ def test_a_module_matched_by_two_rules_is_told_naming_both():
     ):
         plan = policy.resolve(tiny_llama())
     assert {r.method for r in plan.rows if r.kind == "self_attn.q_proj"} == {"lora"}
+
+
+def test_a_none_carve_out_before_the_broad_rule_is_not_an_overlap_warning():
+    """The idiom the README teaches: `none` first, then the rule it overrides; no warning (errors still raise)."""
+    policy = LayerPolicy(rules=[Rule("none", ["o_proj"], name="o-frozen"), Rule("lora", ["*_proj"], name="rest")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolicyWarning)
+        plan = policy.resolve(tiny_llama())
+    assert "self_attn.o_proj" not in {r.kind for r in plan.rows} and len(plan.rows) == 6 * 6
 
 
 # -- 8. errors name the culprit ---------------------------------------------------------------

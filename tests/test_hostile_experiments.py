@@ -36,9 +36,9 @@ from lightning_peft.callbacks.forgetting import EmbeddingDrift, drift_metrics
 from lightning_peft.callbacks.optim_groups import GROUP_TAG
 from lightning_peft.callbacks.restart import JaggedCosineLR, MergeRestart, RestartError
 from lightning_peft.core.stored import AdapterStateError
-from lightning_peft.experiments.compare import CompareError, Variant, compare_main, parse_variants, run_comparison
+from lightning_peft.experiments.compare import CompareError, Variant, parse_variants, run_comparison
 from lightning_peft.experiments.fingerprint import fingerprint, referenced_contents
-from lightning_peft.experiments.rank_search import RankSearchError, SearchSettings, rank_search_main, run_rank_search
+from lightning_peft.experiments.rank_search import RankSearchError, SearchSettings, run_rank_search
 from lightning_peft.experiments.records import VariantRecord, read_comparison, write_comparison
 from lightning_peft.experiments.runner import carried_rules, load_config
 from lightning_peft.experiments.suggest import (
@@ -50,7 +50,6 @@ from lightning_peft.experiments.suggest import (
     pilot_policy,
     suggest,
     suggest_from_evidence,
-    suggest_main,
 )
 from lightning_peft.tasks import HeldOutDocDrift, UUIDRecall, held_out_texts, make_uuid_pairs
 
@@ -498,11 +497,22 @@ def test_the_experiment_commands_read_their_yaml_as_fit_does(tmp_path, monkeypat
     spec = tmp_path / "spec.yaml"
     policy = "{rules: [{method: lora, modules: ['*'], depth: {indices: [2:4]}}]}"
     spec.write_text(f"base: base.yaml\nvariants:\n  - {{name: v, policy: {policy}}}\n")
-    assert compare_main(["--config", str(spec)]) == 2
+    assert _cli_exit(["compare", "--config", str(spec)]) == 2
     assert seen["compare"][1][0]["policy"]["rules"][0]["depth"] == {"indices": ["2:4"]}
     spec.write_text("base: base.yaml\nsearch: {metric: val_acc, ranks: [1, 010]}\n")  # YAML 1.1: 010 is 8
-    assert rank_search_main(["--config", str(spec)]) == 2
+    assert _cli_exit(["compare", "rank-search", "--config", str(spec)]) == 2
     assert seen["rank_search"][1].ranks == [1, 10]
     spec.write_text("base: base.yaml\nsettings: {budget: 010}\n")
-    assert suggest_main(["--config", str(spec)]) == 2
+    assert _cli_exit(["suggest", "--config", str(spec)]) == 2
     assert seen["suggest"][2].budget == 10
+
+
+def _cli_exit(argv: list[str]) -> int:
+    """The `lightning-peft` command's exit status for `argv` (0 when it returns)."""
+    from lightning_peft.cli.main import main
+
+    try:
+        main(argv)
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    return 0

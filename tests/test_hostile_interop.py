@@ -287,8 +287,7 @@ def test_import_reads_back_a_mixed_export(tmp_path):
     ours = model_out(model, ids)
     export_peft(model, tmp_path / "export")
     again = tiny_llama(0)
-    plan = import_peft(again, tmp_path / "export")
-    again.eval()
+    plan = import_peft(again, tmp_path / "export")  # `again` is in eval mode: so are its new layers (dropout off)
     assert {r.method for r in plan.rows} == {"lora", "dora"} and len(plan.rows) == len(get_plan(model).rows)
     peft_out = model_out(load_peft_export(tiny_llama(0), tmp_path / "export").eval(), ids)
     assert rel_diff(model_out(again, ids), peft_out) < RTOL and rel_diff(peft_out, ours) < RTOL
@@ -355,3 +354,39 @@ def test_exports_carry_task_type_so_inspect_round_trips(tmp_path):
     assert configs and {c["task_type"] for c in configs} == {"CAUSAL_LM"}
     out = diagnose_peft(tmp_path / "export", tmp_path / "export" / "base", tmp_path / "diag")
     assert Path(out).exists() and os.listdir(tmp_path / "diag")
+
+
+# -- a method is one file: export and the report ask the method, never its name -------------------
+
+
+def test_a_new_method_declared_in_one_place_is_refused_by_name_then_converted_and_labelled(tmp_path):
+    from torch import nn
+
+    from lightning_peft.adapters import AdapterMethod, method_label, register_adapter
+
+    @register_adapter
+    class Shift(AdapterMethod):  # a toy additive method that peft has no tuner for (`peft = None`)
+        method = "shift"
+        label = "Shift"
+
+        def __init__(self, in_features: int, out_features: int, *, r: int = 2) -> None:
+            super().__init__(in_features, out_features)
+            self.u = nn.Parameter(torch.randn(out_features, r) * 0.1)
+            self.v = nn.Parameter(torch.randn(r, in_features) * 0.1)
+
+        def forward(self, x, base_out, layer):
+            return base_out + x @ (self.u @ self.v).t().to(x.dtype)
+
+        def delta_weight(self, weight):
+            return (self.u @ self.v).to(weight.dtype)
+
+    model = tiny_llama(0)
+    inject_adapters(model, {"rules": [{"method": "shift", "modules": ["q_proj"], "hparams": {"r": 2}}]})
+    assert_refused(lambda: export_peft(model, tmp_path / "a"), ExportError, "(shift)", "routes")
+    assert not (tmp_path / "a").exists()
+    ids = tokens()
+    report = export_peft(model, tmp_path / "b", routes={"shift": "svd"}, svd_rank=2)
+    assert max(f.rel_error for f in report.converted) < 1e-5  # rank 2 kept exactly, as the low-rank target
+    loaded = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "b")).eval()
+    assert rel_diff(model_out(loaded, ids), model_out(model.eval(), ids)) < RTOL
+    assert method_label("shift") == "Shift" and method_label("full") == "full"

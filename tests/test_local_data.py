@@ -306,3 +306,35 @@ def test_cli_without_bitsandbytes_says_which_extra_in_one_line(tiny, tmp_path, m
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "lightning-peft: error: quantization='nf4' needs bitsandbytes: pip install -e \".[quant]\""
+
+
+def _lora_grads(model: CausalLM, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    from lightning_peft.core.inject import inject_adapters
+
+    torch.manual_seed(0)
+    inject_adapters(model.model, {"rules": [{"name": "lora", "method": "lora", "modules": ["*_proj"]}]})
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    model.train()
+    model(x, labels=x).loss.backward()
+    return {n: p.grad for n, p in model.model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain = _lora_grads(CausalLM(pretrained_path=str(tiny / "model")), x)
+    model = CausalLM(pretrained_path=str(tiny / "model"), gradient_checkpointing=True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.model.modules())
+    checkpointed = _lora_grads(model, x)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 28  # A and B of 7 projections x 2 blocks
+    for name in plain:  # the same ops recomputed: equal up to fp32 rounding
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bfloat16_base_trains_fp32_adapters(tiny):
+    model = CausalLM(pretrained_path=str(tiny / "model"), dtype="bfloat16")
+    assert model.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    grads = _lora_grads(model, torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0)))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())

@@ -80,9 +80,9 @@ def policy(method: str) -> dict:
     return {"rules": [{"name": method, "method": method, "modules": ["*_proj"], "hparams": METHODS[method]}]}
 
 
-def adapted_pair(folder, method: str):
-    """An nf4 model and its dequantized fp32 reference, with the same non-zero adapter tensors."""
-    quantized = load(folder)
+def adapted_pair(folder, method: str, quantization: str = "nf4"):
+    """A quantized model and its dequantized fp32 reference, with the same non-zero adapter tensors."""
+    quantized = load(folder, quantization)
     reference = dequantized_reference(folder, quantized)
     inject_adapters(quantized, policy(method))
     inject_adapters(reference, policy(method))
@@ -114,6 +114,25 @@ def test_each_method_on_nf4_matches_the_dequantized_fp32_base(base_folder, metho
     assert q_grads.keys() == r_grads.keys() and all(g is not None and g.abs().sum() > 0 for g in q_grads.values())
     for name in q_grads:
         torch.testing.assert_close(q_grads[name], r_grads[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.mark.parametrize("method", ["dora", "hira"])
+def test_fp4_base_matches_the_dequantized_fp32_base(base_folder, method):
+    quantized, reference = adapted_pair(base_folder, method, "fp4")
+    x = tokens()
+    torch.testing.assert_close(quantized(x).logits, reference(x).logits, rtol=RTOL, atol=ATOL)
+
+
+def test_int8_base_reads_w0_as_rows_times_their_scale(base_folder):
+    """LLM.int8 also quantizes the activations, so outputs are not compared; W0 and training are."""
+    quantized, _ = adapted_pair(base_folder, "dora", "int8")
+    x = tokens()
+    quantized(x, labels=x).loss.backward()  # after a forward, the row scales live in the layer's state
+    for _, layer in find_adapters(quantized):
+        weight = layer.base.weight
+        scale = weight.SCB if getattr(weight, "SCB", None) is not None else layer.base.state.SCB
+        torch.testing.assert_close(layer.base_weight(), weight.data.float() * scale[:, None] / 127)
+        assert torch.isfinite(layer.adapter.lora_A.grad).all() and layer.adapter.lora_A.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", ["dora", "hira"])

@@ -68,9 +68,12 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     state = getattr(weight, "quant_state", None)
     if state is not None:
         return bnbf.dequantize_4bit(weight.data, state)
-    if getattr(weight, "SCB", None) is None:  # an 8-bit layer not quantized yet (a float weight)
+    if weight.dtype != torch.int8:  # an 8-bit layer not quantized yet (a float weight)
         return weight.data
-    return bnbf.int8_vectorwise_dequant(weight.data, weight.SCB)
+    scale = getattr(weight, "SCB", None)
+    if scale is None:  # after its first forward, Linear8bitLt keeps the row scales in its state
+        scale = module.state.SCB
+    return bnbf.int8_vectorwise_dequant(weight.data, scale)
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.callbacks.optim_groups import apply_rule_settings, check_resumed_rule_settings
+from lightning_peft.core.hints import option_hint
 from lightning_peft.core.inject import (
     CHECKPOINT_KEY,
     AdapterStateError,
@@ -101,7 +102,8 @@ def check_checkpoint_strategy(strategy: Any, adapter_only: bool) -> None:
         raise AdapterStateError(
             "AdapterCallback(adapter_only_checkpoint=True) under ModelParallelStrategy needs "
             "ModelParallelStrategy(save_distributed_checkpoint=False): Lightning cannot resume an adapter-only "
-            "sharded checkpoint. Or set adapter_only_checkpoint=False to keep full sharded checkpoints."
+            f"sharded checkpoint. Or set {option_hint('adapter_only_checkpoint', 'false', False, 'adapters')} to "
+            "keep full sharded checkpoints."
         )
 
 
@@ -229,7 +231,8 @@ class AdapterCallback(Callback):
             if isinstance(cb, ModelCheckpoint) and cb.save_weights_only and self.adapter_only_checkpoint:
                 warnings.warn(
                     "ModelCheckpoint(save_weights_only=True) bypasses callbacks: its files hold the full model and "
-                    "cannot resume. Use save_weights_only=False (adapter-only files stay small).",
+                    "cannot resume. Give it `save_weights_only: false` (its init_args in a config; Python: "
+                    "`ModelCheckpoint(save_weights_only=False)`); adapter-only files stay small.",
                     stacklevel=2,
                 )
         names = [type(cb).__name__ for cb in trainer.callbacks]

@@ -42,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_peft.adapters.base import AdapterLinear
 from lightning_peft.callbacks.adapter import AdapterCallback
+from lightning_peft.core.hints import option_hint
 from lightning_peft.core.inject import AdapterStateError, find_adapters, model_restarts
 from lightning_peft.core.sharding import any_rank, full_tensor, is_sharded, local_tensor
 from lightning_peft.diagnostics import UpdateDiagnostics
@@ -386,8 +387,8 @@ def check_companions(trainer: pl.Trainer) -> None:
         if cb.merge_at_end:
             raise RestartError(
                 "MergeRestart with AdapterCallback(merge_at_end=True): the final merge would fold the last cycle "
-                "into bases that checkpoints record as unmerged; set merge_at_end=False and call "
-                "merge_adapters(model) after fit"
+                "into bases that checkpoints record as unmerged; set "
+                f"{option_hint('merge_at_end', 'false', False, 'adapters')} and call merge_adapters(model) after fit"
             )
         if cb.export_dir is not None:
             raise RestartError(

@@ -23,6 +23,9 @@ try:
 except ImportError:  # pragma: no cover - Windows: builds are still atomic, but may run more than once
     fcntl = None  # type: ignore[assignment]
 
+from lightning_peft.core.hints import option_hint
+from lightning_peft.errors import InputError
+
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Write via a temporary file in the same directory, fsync, then `os.replace`: never a torn file.
@@ -103,7 +106,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
 # -- replacing what exists: one rule for every writer --------------------------------------
 
 
-class UnsafeWriteError(ValueError):
+class UnsafeWriteError(InputError):
     """A write refused because it could destroy something lightning-peft did not write (one-line reason)."""
 
 
@@ -139,7 +142,9 @@ def check_replaceable(
             f"{'inside' if target.is_dir() else 'beside'} it); move it away or choose another path"
         )
     if not overwrite:
-        raise UnsafeWriteError(f"{str(target)!r} exists and is not empty; pass overwrite=True (--overwrite true)")
+        raise UnsafeWriteError(
+            f"{str(target)!r} exists and is not empty; pass {option_hint('overwrite', 'true', True)}"
+        )
     return target
 
 

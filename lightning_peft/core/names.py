@@ -12,6 +12,7 @@ import dataclasses
 
 from torch import Tensor
 
+from lightning_peft.core.hints import option_hint
 from lightning_peft.policy import Plan, normalise_name
 
 
@@ -51,7 +52,7 @@ def prefix_hint(name: str, module_names: list[str]) -> str:
         prefix = longer[0][: -len(name) - 1]
         return (
             f" A module {longer[0]!r} exists: the stored names lack the prefix {prefix + '.'!r}; "
-            f"pass submodule={prefix!r}."
+            f"pass {option_hint('submodule', prefix, prefix)}."
         )
     shorter = [m for m in module_names if name.endswith("." + m)]
     if shorter:
@@ -72,7 +73,8 @@ def plan_prefix_hint(stored: Plan, live: Plan) -> str:
         prefix = longer[0][: len(longer[0]) - len(shorter[0])]
         if prefix and prefix.endswith(".") and all(x == prefix + y for x, y in zip(longer, shorter, strict=True)):
             if lacks:
-                return f" The stored names lack the prefix {prefix!r}: pass submodule={prefix[:-1]!r}."
+                hint = option_hint("submodule", prefix[:-1], prefix[:-1])
+                return f" The stored names lack the prefix {prefix!r}: pass {hint}."
             return (
                 f" The stored names carry the extra prefix {prefix!r}: load into the module that holds this one "
                 f"as {prefix[:-1]!r}, or save with submodule={prefix[:-1]!r}."

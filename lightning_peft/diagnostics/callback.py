@@ -308,10 +308,17 @@ class UpdateDiagnostics(Callback):
         if not path.exists():
             return
         try:
-            kept = [r for r in read_table(path) if r["step"] < step]
+            previous = read_table(path)
         except (OSError, ValueError) as err:
             self._warn_once(str(path), "existing table read", err)
-            kept = []
+            previous = []
+        kept = [r for r in previous if r["step"] < step]
+        if len(kept) < len(previous):  # e.g. two runs without a logger share `default_root_dir`
+            rank_zero_warn(
+                f"UpdateDiagnostics: {self._dir} holds the diagnostics of an earlier run (steps >= {step}); "
+                f"this run replaces its {TABLE_FILE} and figures. Keep them with a logger (each run gets its "
+                "own version folder) or another `trainer.default_root_dir`."
+            )
         path.unlink()
         if kept:
             append_rows(path, kept)

@@ -24,6 +24,11 @@ METRICS = (*SPECTRAL_METRICS, *DRIFT_METRICS, *diagnostic_names(), "grad_norm", 
 KEY_COLUMNS = ("step", "module", "block", "kind", "method")
 COLUMNS = (*KEY_COLUMNS, *METRICS)
 
+
+class NotADiagnosticsTable(ValueError):
+    """A CSV that is not an `update_diagnostics.csv` (a foreign file handed to `report`)."""
+
+
 Row = dict[str, Any]
 
 
@@ -67,7 +72,7 @@ def read_table(path: str | Path) -> list[Row]:
         reader = csv.DictReader(f)
         missing = [c for c in KEY_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: not a diagnostics table (missing columns {missing})")
+            raise NotADiagnosticsTable(f"{path}: not a diagnostics table (missing columns {missing})")
         return [_parse(r) for r in reader]
 
 

@@ -22,13 +22,11 @@ variant that fails is recorded with its error and the others still run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
 import statistics
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +36,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_peft.core.io import UnsafeWriteError, atomic_write, check_replaceable
+from lightning_peft.core.io import atomic_write, check_replaceable
 from lightning_peft.diagnostics import UpdateDiagnostics
 from lightning_peft.diagnostics.report import last_step, read_table
 from lightning_peft.experiments.errors import CompareError
@@ -62,7 +60,6 @@ from lightning_peft.experiments.records import (
     write_csv,
 )
 from lightning_peft.policy import LayerPolicy, PolicyError
-from lightning_peft.policy.schema import register_jsonargparse_loader
 
 __all__ = [
     "CompareError",
@@ -126,18 +123,10 @@ def parse_variants(entries: Sequence[Variant | Mapping[str, Any]]) -> list[Varia
     return variants
 
 
-REPLACED_KEYS = ("adapters.policy",)
-"""Keys whose mapping values replace the config's value instead of merging into it (jsonargparse
-merges a mapping into the namespace it overrides, so a policy's rules would inherit fields of
-the base policy's rules)."""
-
-
 def override_args(overrides: Mapping[str, Any]) -> list[str]:
     """`{"model.lr": 0.001}` -> `["--model.lr=0.001"]` (non-strings as JSON, which jsonargparse reads)."""
     args = []
     for key, value in overrides.items():
-        if key in REPLACED_KEYS and isinstance(value, Mapping):
-            args.append(f"--{key}=replaced")  # a plain string first: the mapping then starts from nothing
         args.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
     return args
 
@@ -172,11 +161,13 @@ class SharedParser:
     Building LightningCLI's parser (the signatures of trainer, model, data and callbacks) is
     most of a CLI's start-up cost, about 1 s of CPU, against some 0.4 s to parse a config
     with it. The parser depends on the CLI class only, never on a config, so one parser
-    serves the validation and the run of every variant.
+    serves the validation and the run of every variant. Variants run with `run=False`
+    (LightningCLI's public mode without subcommands: one parser, `cli.parser`), and compare
+    calls `trainer.fit` itself.
     """
 
     def __init__(self) -> None:
-        self._built: tuple[Any, Any, Any] | None = None
+        self._parser: Any = None
 
     def cli(self, base: type) -> type:
         """`base` (a `PeftCLI` subclass) with `setup_parser` served from this cache."""
@@ -184,52 +175,36 @@ class SharedParser:
 
         class SharedParserCLI(base):  # type: ignore[misc,valid-type]
             def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
-                if shared._built is None:
+                if shared._parser is None:
                     super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-                    shared._built = (self.parser, self._subcommand_parsers, self._subcommand_method_arguments)
+                    shared._parser = self.parser
                 else:
-                    self.parser, self._subcommand_parsers, self._subcommand_method_arguments = shared._built
+                    self.parser = shared._parser
 
         return SharedParserCLI
 
 
-def _parse_only_cli():
+class ParseOnlyCLI(PeftCLI):
+    """Parses and validates a `fit` config exactly as `fit` would (with `run=False`), but builds nothing."""
 
-    class ParseOnlyCLI(PeftCLI):
-        """Parses and validates a `fit` command line exactly as `fit` would, but builds and runs nothing."""
+    def instantiate_classes(self) -> None:
+        return None
 
-        def instantiate_classes(self) -> None:
-            return None
-
-        def after_instantiate_classes(self) -> None:
-            return None
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            return None
-
-    return ParseOnlyCLI
+    def after_instantiate_classes(self) -> None:
+        return None
 
 
 def _parse(config: str | Path, overrides: Mapping[str, Any], name: str, shared: SharedParser | None = None) -> Any:
     """The parsed config namespace of one variant; a `CompareError` naming it on any schema error."""
     from jsonargparse import ArgumentError
 
-    args = ["fit", "--config", str(config), *override_args(overrides)]
-    cli_class = _parse_only_cli() if shared is None else shared.cli(_parse_only_cli())
+    args = ["--config", str(config), *override_args(overrides)]
+    cli_class = ParseOnlyCLI if shared is None else shared.cli(ParseOnlyCLI)
     try:
-        with _quiet_cli():
-            cli = cli_class(args=args, parser_kwargs={"exit_on_error": False})
+        cli = cli_class(args=args, run=False, parser_kwargs={"exit_on_error": False})
     except (ArgumentError, ValueError, TypeError, OSError) as err:
         raise CompareError(f"variant {name!r}: {err}") from None
-    return cli.config.fit
-
-
-@contextlib.contextmanager
-def _quiet_cli():
-    """LightningCLI warns when `args` is given while `sys.argv` has arguments (ours: `compare ...`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        yield
+    return cli.config
 
 
 def _policy_value(config: Any) -> Any:
@@ -323,16 +298,22 @@ class VariantRecorder(Callback):
     allocated by torch; CPU: the process's peak resident set sampled at every step, so it
     includes Python and data), trainable parameters at train start, and the scalar callback
     metrics after every validation (`curves`), the last ones being the run's final metrics.
+    A module that built something once (e.g. a cached base) says so in `one_time_build_s`; that
+    time is reported apart (`build_time_s`), not as the variant's cost.
     """
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
         self.peak_memory_mb = math.nan
         self.trainable_params = 0
+        self.build_time_s = 0.0
         self.curves: list[dict[str, float]] = []
         self.exception: BaseException | None = None
         self._t0: float | None = None
         self._cuda = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.build_time_s = float(getattr(pl_module, "one_time_build_s", 0.0))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.trainable_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -398,15 +379,20 @@ def depth_summary(table: str | Path) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+CSV_FOLDER = "csv"  # <out_dir>/<name>/csv/metrics.csv
+
+
 def _fit_args(config: str | Path, variant: Variant, out_dir: Path, seed: int | None) -> list[str]:
-    """The `lightning-peft fit` command line of one variant; its loggers write to `<out_dir>/<name>/`."""
+    """The `lightning-peft fit` arguments of one variant (after `fit`); its loggers write to `<out_dir>/<name>/`."""
     where = {"save_dir": str(out_dir), "name": variant.name, "version": ""}
+    # The CSV logger in its own `csv/` folder: it warns (and deletes) when its folder is not empty, and
+    # the run folder already holds compare's marker and the config when the CSV file is first written.
     loggers = [
         {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": where},
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": where},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {**where, "version": CSV_FOLDER}},
     ]
     seed_arg = [f"--seed_everything={seed}"] if seed is not None else []
-    return ["fit", "--config", str(config), *seed_arg, *override_args(variant.overrides),
+    return ["--config", str(config), *seed_arg, *override_args(variant.overrides),
             f"--trainer.logger={json.dumps(loggers)}"]  # fmt: skip
 
 
@@ -433,12 +419,13 @@ def run_variant(
     start = time.perf_counter()
     try:
         cli_class = PeftCLI if shared is None else shared.cli(PeftCLI)
-        with _quiet_cli():
-            cli = cli_class(
-                args=_fit_args(config, variant, out_dir, seed),
-                trainer_defaults={"callbacks": [recorder, *callbacks]},
-                parser_kwargs={"exit_on_error": False},
-            )
+        cli = cli_class(
+            args=_fit_args(config, variant, out_dir, seed),
+            run=False,
+            trainer_defaults={"callbacks": [recorder, *callbacks]},
+            parser_kwargs={"exit_on_error": False},
+        )
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         metrics = scalar_metrics(cli.trainer.callback_metrics)
         table = _diagnostics_table(cli.trainer)
         depth = depth_summary(table) if table is not None else []
@@ -455,7 +442,8 @@ def run_variant(
         name=variant.name, status=status, error=error, metrics=metrics,
         trainable_params=recorder.trainable_params, step_time_median_s=recorder.step_time_median_s,
         peak_memory_mb=recorder.peak_memory_mb, run_dir=str(out_dir / variant.name),
-        overrides=dict(variant.overrides), wall_time_s=time.perf_counter() - start,
+        overrides=dict(variant.overrides), wall_time_s=time.perf_counter() - start - recorder.build_time_s,
+        build_time_s=recorder.build_time_s,
     )  # fmt: skip
     return record, recorder.curves, depth
 
@@ -477,7 +465,7 @@ def _save_run(run_dir: Path, record: VariantRecord, curves: list[dict], depth: l
 
     run_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(record)
-    data.update({k: _float(data[k]) for k in ("step_time_median_s", "peak_memory_mb", "wall_time_s")})
+    data.update({k: _float(data[k]) for k in ("step_time_median_s", "peak_memory_mb", "wall_time_s", "build_time_s")})
     write_csv(run_dir / CURVES_FILE, [{"variant": record.name, **c} for c in curves])
     write_csv(run_dir / "depth_summary.csv", [{"variant": record.name, **d} for d in depth])
     text = json.dumps(data, indent=2, default=str)
@@ -498,7 +486,8 @@ def _summary_line(index: int, total: int, record: VariantRecord, skipped: bool =
         return f"[{index}/{total}] {record.name}: finished before, skipped"
     if record.status != "ok":
         return f"[{index}/{total}] {record.name}: [red]failed[/red] after {record.wall_time_s:.0f} s: {record.error}"
-    return (f"[{index}/{total}] {record.name}: ok in {record.wall_time_s:.0f} s, "
+    built = f" (+ {record.build_time_s:.0f} s one-time build of a cached base)" if record.build_time_s else ""
+    return (f"[{index}/{total}] {record.name}: ok in {record.wall_time_s:.0f} s{built}, "
             f"{record.trainable_params:,} trainable, {record.step_time_median_s * 1e3:.1f} ms/step")  # fmt: skip
 
 
@@ -538,6 +527,25 @@ def _run_and_save(
     record.fingerprint = fp
     _save_run(run_dir, record, curves, depth)
     return record
+
+
+def _run_plans(config: str | Path, plans: list, out_dir: Path, seed: int | None, shared: SharedParser) -> list:
+    """Run the planned variants in order (a finished one is taken as recorded); gather after each."""
+    from rich import get_console
+
+    console = get_console()
+    records: list[VariantRecord] = []
+    for index, (variant, fp, previous) in enumerate(plans, 1):
+        if previous is not None:
+            records.append(previous)
+            console.print(_summary_line(index, len(plans), previous, skipped=True))
+            continue
+        console.rule(f"[{index}/{len(plans)}] {variant.name}")
+        records.append(_run_and_save(config, variant, fp, out_dir, seed, shared))
+        console.print(_summary_line(index, len(plans), records[-1]))
+        _gather(out_dir, records)
+    _gather(out_dir, records)
+    return records
 
 
 def run_comparison(
@@ -582,22 +590,14 @@ def run_comparison(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = _plan_runs(config, ready, out_dir, seed, rerun)
-    records: list[VariantRecord] = []
-    for index, (variant, fp, previous) in enumerate(plans, 1):
-        if previous is not None:
-            records.append(previous)
-            console.print(_summary_line(index, len(plans), previous, skipped=True))
-            continue
-        console.rule(f"[{index}/{len(plans)}] {variant.name}")
-        records.append(_run_and_save(config, variant, fp, out_dir, seed, shared))
-        console.print(_summary_line(index, len(plans), records[-1]))
-        _gather(out_dir, records)
-    _gather(out_dir, records)
-    if table or figures:
-        if figures:
-            draw_comparison(out_dir, records, metric=metric, forget_metric=forget_metric)
-        if table:
-            console.print(comparison_table(records, metric=metric, forget_metric=forget_metric))
+    records = _run_plans(config, plans, out_dir, seed, shared)
+    if figures:
+        draw_comparison(out_dir, records, metric=metric, forget_metric=forget_metric)
+    if table:
+        console.print(comparison_table(records, metric=metric, forget_metric=forget_metric))
+    console.print(
+        f"comparison written to {out_dir} ({COMPARISON_FILE}, figures, one folder per variant)", soft_wrap=True
+    )
     return records
 
 
@@ -629,21 +629,3 @@ def compare(
     return run_comparison(
         base, variants, out_dir, seed=seed, rerun=rerun, metric=metric, forget_metric=forget_metric, figures=figures
     )
-
-
-def compare_main(args: list[str]) -> int:
-    """`lightning-peft compare ...`: 0 when every variant finished, 1 when one failed, 2 on bad input."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        records = CLI(compare, args=args, parser_mode=register_jsonargparse_loader())  # YAML read as `fit` reads it
-    except (CompareError, UnsafeWriteError) as err:
-        print(f"lightning-peft compare: error: {err}", file=sys.stderr)
-        return 2
-    failed = [r.name for r in records if r.status != "ok"]
-    if failed:
-        print(f"lightning-peft compare: {len(failed)} variant(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0

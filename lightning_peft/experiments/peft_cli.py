@@ -18,10 +18,12 @@ entry point (`lightning_peft.cli`) wires it to the command line.
 
 from __future__ import annotations
 
+import sys
 from types import MethodType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities import rank_zero_warn
@@ -40,6 +42,23 @@ OPTIMIZER_KEY = "optimizer"
 
 
 LR_SCHEDULER_KEY = "lr_scheduler"
+REPLACED_KEYS = ("adapters.policy",)
+"""Keys whose command-line value replaces the config's instead of merging into it: jsonargparse merges a
+mapping into the mapping it overrides, so a policy named on the command line would inherit the rules
+of the config's policy. A user who names a policy means this policy."""
+
+
+def replace_not_merge(args: list[str]) -> list[str]:
+    """Each `--adapters.policy VALUE` preceded by `--adapters.policy=replaced`, a plain string that the
+    value then overrides from nothing (a mapping no longer merges into the config's mapping)."""
+    flags = {f"--{key}" for key in REPLACED_KEYS}
+    out = []
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in flags:
+            out.append(f"{flag}=replaced")
+        out.append(arg)
+    return out
 
 
 def _only_policy_objects(value: Any) -> LayerPolicy:
@@ -116,13 +135,22 @@ class PeftCLI(LightningCLI):
         kwargs.setdefault(
             "parser_kwargs",
             {
-                "description": "Per-layer hybrid adapters for Lightning. Also: `lightning-peft report LOG_DIR`, "
-                "`lightning-peft compare --config COMPARISON`, `lightning-peft inspect PEFT_ADAPTER BASE_MODEL`."
+                "prog": "lightning-peft",  # usage lines read `lightning-peft [options] fit`, whatever the script
+                "description": "Per-layer hybrid adapters for Lightning (`lightning-peft --help` lists every command).",
             },
         )
         # The optimizer sections are added below and built lazily, not by LightningCLI before `fit`.
         kwargs["auto_configure_optimizers"] = False
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI's, with `REPLACED_KEYS` replaced, not merged; and without its warning about `args`
+        given while `sys.argv` has arguments: experiments (compare, suggest) run fits in-process on purpose
+        while `sys.argv` holds their own command."""
+        if isinstance(args, dict | Namespace):
+            self.config = parser.parse_object(args)
+            return
+        self.config = parser.parse_args(replace_not_merge(sys.argv[1:] if args is None else list(args)))
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Every parser (main and subcommands) reads YAML as written: `"2:4"` stays a string,
@@ -200,18 +228,26 @@ class PeftCLI(LightningCLI):
         console.print(f"exported {ckpt_path} as {fmt} to {out}")
 
     def after_fit(self) -> None:
-        """Print the final metrics (rank zero) so the main job ends with its numbers."""
+        """Print the final metrics and the run folder (rank zero): the main job ends with its numbers and
+        says where its files went."""
         if not self.trainer.is_global_zero:
             return
         from rich import get_console
-        from rich.table import Table
 
+        console = get_console()
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if v.numel() == 1}
-        if not metrics:
-            return
-        table = Table(title=f"final metrics (step {self.trainer.global_step})")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key in sorted(metrics):
-            table.add_row(key, f"{metrics[key]:.4f}")
-        get_console().print(table)
+        if metrics:
+            console.print(metrics_table(metrics, self.trainer.global_step))
+        console.print(f"run folder: {self.trainer.log_dir or self.trainer.default_root_dir}", soft_wrap=True)
+
+
+def metrics_table(metrics: dict[str, float], step: int) -> Any:
+    """A rich table of final metrics, one row each."""
+    from rich.table import Table
+
+    table = Table(title=f"final metrics (step {step})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    return table

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning_peft.adapters.base import get_adapter_class, is_supported_layer, method_for_role
-from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.experiments.compare import Variant, run_comparison
 from lightning_peft.experiments.names import name_problem
 from lightning_peft.experiments.runner import build_model, carried_rules, load_config
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
-from lightning_peft.policy.schema import register_jsonargparse_loader
 
 # Named target sets; a widening step is one of these names or `{name: [globs]}`. The globs cover
 # Llama/Mistral (`q_proj`...), BERT (`attention.self.query`...) and GPT-2 (`c_attn`, fused q/k/v).
@@ -61,6 +60,10 @@ COST_KEYS = ("trainable_params", "step_time_median_s", "peak_memory_mb")
 
 class RankSearchError(ValueError):
     """A rank search that cannot run as configured; raised before any run starts."""
+
+
+class NoRankKept(RankSearchError):
+    """The search ran but not even its first step could be kept (exit code 1, not 2: the input was fine)."""
 
 
 @dataclass
@@ -310,7 +313,7 @@ def rank_search(
             break
         best = step
     if best is None:
-        raise RankSearchError(f"no rank could be kept: {searcher.steps[0].name} {searcher.steps[0].decision}")
+        raise NoRankKept(f"no rank could be kept: {searcher.steps[0].name} {searcher.steps[0].decision}")
     for target in wider:
         step = searcher.run("widen", best.rank, target)
         if not searcher.better_than(step, best):
@@ -507,17 +510,3 @@ def rank_search_command(
         f"policy in {Path(out_dir) / CHOSEN_POLICY}"
     )
     return result
-
-
-def rank_search_main(args: list[str]) -> int:
-    """`lightning-peft compare rank-search ...`: 0 done, 1 nothing could be kept or a run failed, 2 bad input."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        CLI(rank_search_command, args=args, parser_mode=register_jsonargparse_loader())  # YAML read as `fit` reads it
-    except (RankSearchError, CompareError) as err:
-        print(f"lightning-peft compare rank-search: error: {err}", file=sys.stderr)
-        return 1 if str(err).startswith("no rank could be kept") else 2
-    return 0

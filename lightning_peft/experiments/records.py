@@ -56,7 +56,8 @@ class VariantRecord:
     run_dir: str
     overrides: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
-    wall_time_s: float = math.nan
+    wall_time_s: float = math.nan  # the variant's own run, one-time builds excluded
+    build_time_s: float = 0.0  # one-time builds this run paid for (a cached base built on first use)
 
 
 def load_record(run_dir: Path) -> VariantRecord | None:
@@ -93,11 +94,12 @@ def write_comparison(out_dir: str | Path, records: Sequence[VariantRecord]) -> P
     rows = []
     for r in records:
         row = {c: getattr(r, c) for c in RECORD_COLUMNS}
-        row.update(wall_time_s=r.wall_time_s, overrides=json.dumps(r.overrides, sort_keys=True, default=str))
+        overrides = json.dumps(r.overrides, sort_keys=True, default=str)
+        row.update(wall_time_s=r.wall_time_s, build_time_s=r.build_time_s, overrides=overrides)
         row.update(r.metrics)
         rows.append(row)
     path = Path(out_dir) / COMPARISON_FILE
-    columns = [*RECORD_COLUMNS, "wall_time_s", "overrides", *metric_names]
+    columns = [*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides", *metric_names]
     write_file_safely(path, lambda tmp: write_csv(Path(tmp), rows, columns), COMPARISON_MARKER)
     return path
 
@@ -132,7 +134,7 @@ def _record_from_row(path: Path, line: int, row: dict[str | None, Any]) -> Varia
     """One `comparison.csv` row as a record; every bad cell is a `CompareError` naming file, line and column."""
     if None in row:
         raise CompareError(f"{path}, line {line}: {len(row[None])} cell(s) more than the header's columns")
-    fixed = {*RECORD_COLUMNS, "wall_time_s", "overrides"}
+    fixed = {*RECORD_COLUMNS, "wall_time_s", "build_time_s", "overrides"}
     params = (row.get("trainable_params") or "").strip()
     if params and not (params.isdigit() and params.isascii()):
         raise _cell_error(path, line, "trainable_params", params, "a whole number of parameters")
@@ -154,6 +156,7 @@ def _record_from_row(path: Path, line: int, row: dict[str | None, Any]) -> Varia
         peak_memory_mb=_number(path, line, "peak_memory_mb", row.get("peak_memory_mb")),
         run_dir=row["run_dir"] or "", overrides=overrides,
         wall_time_s=_number(path, line, "wall_time_s", row.get("wall_time_s")),
+        build_time_s=_number(path, line, "build_time_s", row.get("build_time_s") or "0"),
     )  # fmt: skip
 
 

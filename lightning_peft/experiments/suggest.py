@@ -36,13 +36,12 @@ from typing import Any, Literal
 
 from lightning_peft.adapters.base import get_adapter_class, hyperparameter_names, is_supported_layer, method_for_role
 from lightning_peft.diagnostics import TABLE_FILE, read_table
-from lightning_peft.experiments.compare import CompareError, Variant, run_comparison
+from lightning_peft.experiments.compare import Variant, run_comparison
 from lightning_peft.experiments.fingerprint import fingerprint
-from lightning_peft.experiments.policy_search import SearchError, SearchSettings
+from lightning_peft.experiments.policy_search import SearchSettings
 from lightning_peft.experiments.policy_search_run import search_command
 from lightning_peft.experiments.runner import build_model, carried_params, carried_rules, load_config, run_fit
 from lightning_peft.policy import LayerPolicy, PolicyError, discover_blocks, normalise_name, pattern_matches
-from lightning_peft.policy.schema import register_jsonargparse_loader
 
 TIERS = ("skip", "low", "high", "magnitude", "base")
 # The method of each tier is asked of the registry (`AdapterMethod.suggest_roles`); `high` may be overridden.
@@ -698,17 +697,3 @@ def suggest_command(
         variants = comparison_variants(result, settings, result.carried, spare)
         run_comparison(base, variants, Path(out_dir) / "comparison", seed=seed)
     return result
-
-
-def suggest_main(args: list[str]) -> int:
-    """`lightning-peft suggest ...`: 0 done, 2 bad input (named before the pilot runs)."""
-    import sys
-
-    from jsonargparse import CLI
-
-    try:
-        CLI(suggest_command, args=args, parser_mode=register_jsonargparse_loader())  # YAML read as `fit` reads it
-    except (SuggestError, CompareError, SearchError) as err:
-        print(f"lightning-peft suggest: error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -41,6 +41,7 @@ from lightning_peft.adapters.base import (
 )
 from lightning_peft.adapters.quantized import dequantize_model
 from lightning_peft.callbacks.adapter import restore_from_checkpoint
+from lightning_peft.core.hints import option_hint
 from lightning_peft.core.inject import (
     find_adapters,
     get_plan,
@@ -53,6 +54,7 @@ from lightning_peft.core.io import UnsafeWriteError, check_replaceable, replace_
 from lightning_peft.core.names import prefix_hint
 from lightning_peft.core.stored import AdapterStateError, check_state
 from lightning_peft.diagnostics.snapshot import write_snapshot
+from lightning_peft.errors import InputError
 from lightning_peft.interop.hf_classes import auto_class_name, peft_task_type
 from lightning_peft.interop.manifest import MANIFEST_FILE, adapter_folders, read_manifest
 from lightning_peft.interop.peft_format import (
@@ -69,11 +71,12 @@ from lightning_peft.interop.peft_format import (
 )
 from lightning_peft.policy import LayerPolicy, Plan, PlanRow, Rule, normalise_name
 
+FOLD_CLI, FOLD_PY = "'{<method>: fold}'", {"<method>": "fold"}  # the route hint, in both spellings
 BASE_DIR = "base"
 ROUTES = ("fold", "svd")
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """An export or import that cannot be done as asked; nothing was written or changed."""
 
 
@@ -114,7 +117,7 @@ def _strip_prefix(rows: list[PlanRow], prefix: str) -> dict[str, PlanRow]:
     if outside:
         raise ExportError(
             f"Planned module(s) {outside[:4]} lie outside the exported submodule {prefix[:-1]!r}; "
-            "pass submodule='' to export the whole model"
+            f"pass {option_hint('submodule', repr(''), '')} to export the whole model"
         )
     return {r.name[len(prefix) :]: r for r in rows}
 
@@ -170,17 +173,27 @@ class ExportReport:
         return asdict(self)
 
     def table(self):
-        """A rich table of the converted layers (empty when nothing was converted)."""
+        """A rich table of the converted layers (empty when nothing was converted), fit for 80 columns:
+        the prefix every module name shares goes to the title and module names never wrap."""
+        import os
+
         from rich.table import Table
 
-        table = Table(title=f"SVD conversion to LoRA (all layers at once: max |logit diff| {self.max_logit_diff})")
-        for col in ("module", "method", "rank", "of", "energy", "rel. Frobenius error", "max |logit diff|"):
-            table.add_column(col, justify="left" if col in ("module", "method") else "right", overflow="fold")
+        names = [f.module for f in self.converted]
+        prefix = os.path.commonprefix(names).rpartition(".")[0] if len(names) > 1 else ""
+        under = f" under {prefix}." if prefix else ""
+        table = Table(
+            title=f"SVD conversion to LoRA{under} (all layers at once: max |logit diff| {self.max_logit_diff})",
+            caption="rank: kept / full; energy: share of ||dW||_F^2 kept; rel. err: ||dW - BA||_F / ||dW||_F",
+        )
+        table.add_column("module", no_wrap=True)
+        table.add_column("method")
+        for col in ("rank", "energy", "rel. err", "|dlogit|"):
+            table.add_column(col, justify="right", no_wrap=True)
         for f in self.converted:
-            diff = "-" if f.max_logit_diff is None else f"{f.max_logit_diff:.3e}"
-            table.add_row(
-                f.module, f.method, str(f.rank), str(f.full_rank), f"{f.energy:.6f}", f"{f.rel_error:.3e}", diff
-            )
+            diff = "-" if f.max_logit_diff is None else f"{f.max_logit_diff:.2e}"
+            module = f.module[len(prefix) + 1 :] if prefix else f.module
+            table.add_row(module, f.method, f"{f.rank}/{f.full_rank}", f"{f.energy:.4f}", f"{f.rel_error:.2e}", diff)
         return table
 
 
@@ -222,7 +235,8 @@ def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tu
         route = routes.get(row.method, "peft" if _peft_method(row.method) is not None else None)
         if route == "svd" and row.method == "full":
             raise ExportError(
-                f"{row.name}: a `full` module has no low-rank update to convert; use routes={{'full': 'fold'}}"
+                f"{row.name}: a `full` module has no low-rank update to convert; use "
+                + option_hint("routes", "'{full: fold}'", {"full": "fold"})
             )
         if route is None:
             stuck.append(f"{row.name} ({row.method})")
@@ -230,11 +244,11 @@ def _routes_for(rows: dict[str, PlanRow], routes: dict[str, str] | None, svd: tu
     if stuck:
         raise ExportError(
             f"peft's format cannot represent {len(stuck)} layer(s), e.g. {stuck[:4]}; choose a route per "
-            "method: routes={'<method>': 'fold'} writes them into the base weights saved beside the adapter, "
-            f"'svd' converts them to {low_rank_target().label} (with svd_rank or svd_energy)"
+            f"method: {option_hint('routes', FOLD_CLI, FOLD_PY)} writes them into the base weights saved beside "
+            f"the adapter, `svd` converts them to {low_rank_target().label} (with --svd_rank or --svd_energy)"
         )
     if "svd" in chosen.values() and (svd[0] is None) == (svd[1] is None):
-        raise ExportError("the 'svd' route needs exactly one of svd_rank (an int) or svd_energy (in (0, 1])")
+        raise ExportError("the 'svd' route needs exactly one of --svd_rank (an int) or --svd_energy (in (0, 1])")
     if svd[1] is not None and not 0.0 < float(svd[1]) <= 1.0:
         raise ExportError(f"svd_energy must be in (0, 1], got {svd[1]!r}")
     if svd[0] is not None and (isinstance(svd[0], bool) or not isinstance(svd[0], int) or svd[0] < 1):
@@ -253,6 +267,25 @@ def _check_exportable(model: nn.Module) -> Plan:
             "so exporting the adapters would apply them twice; call unmerge_adapters() first"
         )
     return plan
+
+
+def _check_restarts_exportable(model: nn.Module, save_base: bool) -> None:
+    """A base that holds merged restart cycles must travel with the adapters (peft would apply them to the original)."""
+    restarts = model_restarts(model)
+    if restarts and not save_base:
+        raise ExportError(
+            f"The base weights hold {restarts} merged restart cycle(s) (MergeRestart): peft would apply these "
+            f"adapters to the original base. Pass {option_hint('save_base', 'true', True)} (the merged base goes "
+            "to out/base) or export merged (`--format merged`, Python: `export_merged`)"
+        )
+
+
+def _check_base_writable(hf: nn.Module, needed: bool) -> None:
+    if needed and not hasattr(hf, "save_pretrained"):
+        raise ExportError(
+            f"{type(hf).__name__} has no save_pretrained to write the base; pass "
+            f"{option_hint('submodule', 'NAME', 'NAME')} naming the Hugging Face model inside it"
+        )
 
 
 def export_peft(
@@ -285,18 +318,12 @@ def export_peft(
         protected: paths `out` must not hold (the checkpoint being exported); see `core.io.check_replaceable`.
     """
     plan = _check_exportable(model)
-    restarts = model_restarts(model)
-    if restarts and not save_base:
-        raise ExportError(
-            f"The base weights hold {restarts} merged restart cycle(s) (MergeRestart): peft would apply these "
-            "adapters to the original base. Pass save_base=True (the merged base goes to out/base) or use export_merged"
-        )
+    _check_restarts_exportable(model, save_base)
     prefix, hf = resolve_submodule(model, submodule)
     rows = _strip_prefix(plan.rows, prefix)
     chosen = _routes_for(rows, routes, (svd_rank, svd_energy))
     _check_one_peft_type(rows, chosen)
-    if (save_base or "fold" in chosen.values()) and not hasattr(hf, "save_pretrained"):
-        raise ExportError(f"{type(hf).__name__} has no save_pretrained to write the base; pass submodule= naming it")
+    _check_base_writable(hf, save_base or "fold" in chosen.values())
     check_target(out, overwrite, protected)
     layers = {normalise_name(n)[len(prefix) :]: layer for n, layer in find_adapters(model)}
     peft_layers = [_peft_layer(n, rows[n], layers[n]) for n, route in chosen.items() if route == "peft"]
@@ -348,8 +375,9 @@ def _check_one_peft_type(rows: dict[str, PlanRow], chosen: dict[str, str]) -> No
         method, modules = next(iter(others.items()))
         raise ExportError(
             f"peft loads one adapter type per model, and this plan needs {get_adapter_class(method).label} "
-            f"({modules[:3]}) beside {target.peft.peft_type} adapters; choose routes={{'{method}': 'svd'}} "
-            f"({get_adapter_class(method).label} as {target.label}) or {{'{method}': 'fold'}} (into the saved base)"
+            f"({modules[:3]}) beside {target.peft.peft_type} adapters; choose "
+            f"{option_hint('routes', '{' + method + ': svd}', {method: 'svd'})} "
+            f"({get_adapter_class(method).label} as {target.label}) or `{{{method}: fold}}` (into the saved base)"
         )
 
 
@@ -382,8 +410,8 @@ def _write_readme(folder: Path, names: list[str], base: str | None, auto_class: 
 def _save_pretrained(model: nn.Module, folder: Path) -> None:
     if not hasattr(model, "save_pretrained"):
         raise ExportError(
-            f"{type(model).__name__} has no save_pretrained (not a transformers model); pass submodule= naming "
-            "the Hugging Face model inside it"
+            f"{type(model).__name__} has no save_pretrained (not a transformers model); pass "
+            f"{option_hint('submodule', 'NAME', 'NAME')} naming the Hugging Face model inside it"
         )
     model.save_pretrained(folder, safe_serialization=True)
 
@@ -664,6 +692,8 @@ def import_peft(model: nn.Module, directory: str | Path, *, submodule: str | Non
         extra = sorted({r.name for r in plan.rows} - expected)
         raise ExportError(f"{directory}: module names are ambiguous in this model (also matched {extra[:4]})")
     inject_adapters(model, plan)
+    for _, layer in find_adapters(model):  # new layers in the model's mode: an eval model stays deterministic
+        layer.train(model.training)
     load_adapter_state(model, state)
     return plan
 
@@ -689,7 +719,8 @@ def diagnose_peft(adapter: str | Path, base: str | Path, out: str | Path, auto_c
         import_peft(model, adapter, submodule="")
     except ExportError as err:
         raise ExportError(
-            f"{err} The base was loaded as {name}; pass auto_class= naming the class it was trained on."
+            f"{err} The base was loaded as {name}; pass {option_hint('auto_class', 'CLASS', 'CLASS')} naming the "
+            "transformers class it was trained on (e.g. AutoModelForCausalLM)."
         ) from None
     return write_snapshot(model, out)
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import regex
 
+from lightning_peft.errors import InputError
+
 MATCH_TIMEOUT_S = 0.25  # a module name is short: a legitimate pattern matches in microseconds
 
 
-class PatternError(ValueError):
+class PatternError(InputError):
     """A pattern from a file that is invalid or too costly to match; the message names the file and field."""
 
 

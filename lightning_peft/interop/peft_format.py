@@ -25,6 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_peft.adapters.base import AdapterMethod, PeftMapping, get_adapter_class, peft_methods
+from lightning_peft.errors import InputError
 from lightning_peft.interop.patterns import PatternError, compile_pattern, pattern_value
 from lightning_peft.policy import PolicyError, check_method_hparams
 from lightning_peft.policy.schema import signature_types
@@ -34,7 +35,7 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
 
 
-class PeftFormatError(ValueError):
+class PeftFormatError(InputError):
     """A peft adapter folder we cannot read, or a layer peft's format cannot hold."""
 
 

@@ -362,10 +362,13 @@ class LayerPolicy:
         warnings.warn(f"{message} (ignored: strict is false)", PolicyWarning, stacklevel=4)
 
     def _warn_overlaps(self, matches: list[_Match]) -> None:
-        """First match wins; a later rule that also matched is told, once per pair of rules."""
+        """First match wins; a later rule that also matched is told, once per pair of rules.
+
+        Not when the first is a `none` rule: a carve-out placed before the broad rule it
+        overrides is the idiom the docs teach (`none: [o_proj]`, then `lora: ["*"]`)."""
         pairs: dict[tuple[int, int], list[str]] = {}
         for match in matches:
-            if self._decides(match):
+            if self._decides(match) and self.rules[match.rules[0]].method != "none":
                 for other in match.rules[1:]:
                     pairs.setdefault((match.rules[0], other), []).append(match.name)
         for (winner, other), names in pairs.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ def cached_base(
     def write(tmp: Path) -> None:
         if verbose:
             print(f"lightning-peft: building a base (once, cached) -> {folder}", flush=True)
+        start = time.perf_counter()
         model, record = build()
+        record = {**record, "build_time_s": round(time.perf_counter() - start, 1)}  # what the first run paid
         model.save_pretrained(tmp)
         (tmp / BASE_RECORD).write_text(json.dumps({"spec": spec, **record}, indent=2))
         if verbose:

@@ -36,6 +36,18 @@ LLAMA_CONFIG_ARGS = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' non-reentrant activation checkpointing (frozen inputs need no ``requires_grad`` hack).
+
+    ``activation_checkpointing_enable`` from transformers 5.x on, ``gradient_checkpointing_enable`` before.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @torch.no_grad()
 def greedy_generate(
     model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, use_cache: bool = True
@@ -156,7 +168,7 @@ class CausalLM(TaskModule):
         with seeded(init_seed):
             self.model = self._build_model()
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
         self.val_char_acc = CharAccuracy()

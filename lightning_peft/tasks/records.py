@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_peft.core.hints import option_hint
 from lightning_peft.errors import InputError
 
 __all__ = ["IGNORE_INDEX", "DataError", "Encoded", "FieldNames", "encode_chat", "encode_pair", "encode_text"]
@@ -119,7 +120,8 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) 
         if not (through.startswith(before) and full.startswith(through)):
             raise DataError(
                 f"{where}: the tokenizer's chat template does not render turn {k} as a prefix of the conversation, "
-                "so the assistant tokens cannot be located; set train_on_prompt=true or fix the template"
+                "so the assistant tokens cannot be located; set "
+                f"{option_hint('train_on_prompt', 'true', True, 'data')} or fix the template"
             )
         spans.append((len(before), len(through)))
     return full, spans
