@@ -38,6 +38,48 @@ LLAMA_KINDS = [
 ]
 
 
+# A 2-block `CausalLM` for CLI configs (`model:` section): seconds per fit.
+TINY_CAUSAL_LM = {
+    "class_path": "lightning_peft.tasks.CausalLM",
+    "init_args": {
+        "vocab_size": 32,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+}
+
+
+def short_run_trainer(tmp_path: Path, steps: int, **checkpoint_args) -> dict:
+    """The `trainer:` section of an override config: `steps` steps, TensorBoard logs in `tmp_path/run/version_0`,
+    checkpoints (`last.ckpt` and `checkpoint_args`) in `tmp_path/ckpts`."""
+    return {
+        "max_steps": steps,
+        "enable_progress_bar": False,
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(tmp_path), "name": "run", "version": 0},
+        },
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(tmp_path / "ckpts"), "save_last": True, **checkpoint_args},
+            }
+        ],
+    }
+
+
+def paired_forward(reference: nn.Module, ours: nn.Module, x: torch.Tensor, seed: int = 1234):
+    """Both layers on copies of `x` that require grad, under the same dropout mask: `(y_ref, y_ours, x_ref, x_ours)`."""
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y_ref = reference(x_ref)
+    torch.manual_seed(seed)
+    return y_ref, ours(x_ours), x_ref, x_ours
+
+
 def random_base_layer(in_features: int, out_features: int, *, bias: bool = True, conv1d: bool = False) -> nn.Module:
     """A base layer for equivalence tests: an `nn.Linear`, or GPT-2's `Conv1D` (weight `(in, out)`, always
     a bias) with non-trivial weights."""

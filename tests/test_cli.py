@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import short_run_trainer
 
 from lightning_peft.cli.main import main
 from lightning_peft.policy import list_presets, preset_text
@@ -30,20 +31,7 @@ def _in_repo(monkeypatch):
 def _short_run(tmp_path: Path, steps: int = 4) -> Path:
     """An override config: few steps, logs and checkpoints under tmp_path."""
     override = {
-        "trainer": {
-            "max_steps": steps,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp_path), "name": "run", "version": 0},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 2, "save_last": True},
-                }
-            ],
-        },
+        "trainer": short_run_trainer(tmp_path, steps, every_n_train_steps=2),
         "diagnostics": {"every_n_steps": 2},
     }
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_llama
+from helpers import short_run_trainer, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from lightning_peft import restore_from_checkpoint
@@ -26,20 +26,7 @@ def run(tmp_path_factory) -> Path:
     """A 4-step hybrid (MoRA outer, DoRA inner) CLI run on a small Llama, from the shipped config."""
     tmp = tmp_path_factory.mktemp("run")
     override = {
-        "trainer": {
-            "max_steps": 4,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp), "name": "run", "version": 0},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp / "ckpts"), "save_last": True},
-                }
-            ],
-        },
+        "trainer": short_run_trainer(tmp, 4),
         "model": {"init_args": TINY},
         "diagnostics": {"every_n_steps": 2, "plots": False},
     }

@@ -9,7 +9,17 @@ import warnings
 
 import pytest
 import torch
-from helpers import CausalLMModule, model_out, random_base_layer, tiny_gpt2, tiny_llama, token_loader, tokens, trainer
+from helpers import (
+    CausalLMModule,
+    model_out,
+    paired_forward,
+    random_base_layer,
+    tiny_gpt2,
+    tiny_llama,
+    token_loader,
+    tokens,
+    trainer,
+)
 from peft import HiraConfig, get_peft_model
 from test_diagnostics import adapted, assert_metrics_match, brute_force, probe_of, randomise
 from torch import nn
@@ -54,11 +64,7 @@ def test_forward_and_gradients_match_peft(cfg, training):
     peft_layer.train(training)
     ours.train(training)
     x, g = torch.randn(3, 5, IN), torch.randn(3, 5, OUT)
-    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(1234)  # same dropout mask on both sides
-    yp = peft_layer(xp)
-    torch.manual_seed(1234)
-    yo = ours(xo)
+    yp, yo, xp, xo = paired_forward(peft_layer, ours, x)  # same dropout mask on both sides
     torch.testing.assert_close(yo, yp, rtol=RTOL, atol=ATOL)
     assert not torch.allclose(yo, ours.base(x), atol=1e-3)  # the adapter contributes
     (yp * g).sum().backward()

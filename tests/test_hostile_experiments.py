@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CausalLMModule, token_loader, trainer
+from helpers import TINY_CAUSAL_LM, CausalLMModule, token_loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_optim_groups import BASE_LR, POLICY, WarmupModule
 
@@ -53,17 +53,7 @@ from lightning_peft.experiments.suggest import (
 )
 from lightning_peft.tasks import HeldOutDocDrift, UUIDRecall, held_out_texts, make_uuid_pairs
 
-TINY_MODEL = {
-    "class_path": "lightning_peft.tasks.CausalLM",
-    "init_args": {
-        "vocab_size": 32,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    },
-}
+TINY_MODEL = TINY_CAUSAL_LM
 
 
 def tree(folder: Path) -> dict[str, str]:

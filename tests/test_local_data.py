@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import short_run_trainer
 
 from lightning_peft.tasks import CausalLM, DataError, LocalData
 from lightning_peft.tasks.records import IGNORE_INDEX
@@ -202,22 +203,7 @@ def test_fit_logs_perplexity_and_samples(tiny, tmp_path):
 
 def _override(tmp_path: Path, tiny: Path, train: str, steps: int) -> Path:
     override = {
-        "trainer": {
-            "max_steps": steps,
-            "val_check_interval": steps,
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp_path), "name": "run", "version": 0},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp_path / "ckpts"), "save_last": True},
-                }
-            ],
-        },
+        "trainer": {**short_run_trainer(tmp_path, steps), "val_check_interval": steps, "accelerator": "cpu"},
         "model": {"init_args": {"pretrained_path": str(tiny / "model"), "lr": 0.01, "sample_new_tokens": 8}},
         "data": {"init_args": {"train_path": str(train), "tokenizer_path": str(tiny / "model"), "max_length": 64}},
         "diagnostics": {"every_n_steps": steps},

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import random_base_layer
+from helpers import paired_forward, random_base_layer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -115,11 +115,7 @@ def _check_forward_and_grads(cfg, training: bool, conv1d: bool):
 
     x = torch.randn(3, 5, IN)
     g = torch.randn(3, 5, OUT)
-    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(1234)  # same dropout mask on both sides
-    yp = peft_layer(xp)
-    torch.manual_seed(1234)
-    yo = ours(xo)
+    yp, yo, xp, xo = paired_forward(peft_layer, ours, x)  # same dropout mask on both sides
     torch.testing.assert_close(yo, yp, rtol=RTOL, atol=ATOL)
     if cfg["dropout"] > 0 and training:  # the mask really was applied (else the test would not cover dropout)
         with torch.no_grad():

@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import yaml
+from helpers import TINY_CAUSAL_LM
 
 from lightning_peft import LayerPolicy
 from lightning_peft.cli.main import main
@@ -22,18 +23,7 @@ TINY = {
         "enable_model_summary": False,
         "enable_checkpointing": False,
     },
-    "model": {
-        "class_path": "lightning_peft.tasks.CausalLM",
-        "init_args": {
-            "vocab_size": 32,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "lr": 0.003,
-        },
-    },
+    "model": {**TINY_CAUSAL_LM, "init_args": {**TINY_CAUSAL_LM["init_args"], "lr": 0.003}},
     "data": {"class_path": "lightning_peft.tasks.UUIDMemorization", "init_args": {"num_pairs": 8, "batch_size": 8}},
     "adapters": {"policy": "lora_all"},
     "diagnostics": {"every_n_steps": 1, "plots": False},
@@ -123,3 +113,35 @@ def test_suggest_command_refuses_a_tiny_budget_before_the_pilot(tiny_config, tmp
     assert run_cli(args) == 2
     assert "budget 10 is smaller than any policy" in capsys.readouterr().err
     assert not (tmp_path / "sg").exists()
+
+
+@pytest.mark.slow
+def test_suggest_search_command_end_to_end(tmp_path, capsys):
+    """`--strategy search` on the tiny task: uniform trials first, outputs written, a resumed run trains nothing."""
+    import optuna
+
+    config = dict(TINY, trainer={**TINY["trainer"], "max_steps": 4, "val_check_interval": 2,
+                                 "check_val_every_n_epoch": None})  # fmt: skip
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "search"
+    args = ["suggest", str(path), "--strategy", "search", "--settings.budget", "3000", "--settings.pilot_steps", "2"]
+    args += ["--out_dir", str(out), "--search.n_trials", "6", "--search.compare_seeds", "[1]", "--compare", "true"]
+    assert run_cli(args) == 0
+    printed = capsys.readouterr().out
+    assert "held-out seeds [1]" in printed and "policy written to" in printed
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    uniform = ["uniform-lora-r2", "uniform-dora-r2", "uniform-hira-r2", "uniform-mora-r3"]
+    assert [r["label"] for r in rows[:5]] == [*uniform, "heuristic"]
+    assert sum(r["state"] in ("COMPLETE", "PRUNED") and not r["infeasible"] for r in rows) >= 6
+    chosen = LayerPolicy.from_yaml(out / "chosen_policy.yaml").resolve(_module())
+    assert 0 < chosen.trainable_params <= 3000
+    assert "chosen by best value" in (out / "chosen_policy.yaml").read_text()
+    assert (out / "history.png").stat().st_size > 10_000
+    records = read_comparison(out / "comparison")
+    assert len(records) == 2 and all(r.status == "ok" and r.name.endswith("-s1") for r in records)
+    # a second run of the same command resumes the finished search: no trial is added
+    study = optuna.load_study(study_name="suggest", storage=f"sqlite:///{out / 'search.db'}")
+    before = len(study.trials)
+    assert run_cli([*args[:-2], "--compare", "false"]) == 0
+    assert len(optuna.load_study(study_name="suggest", storage=f"sqlite:///{out / 'search.db'}").trials) == before

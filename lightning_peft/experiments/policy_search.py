@@ -516,7 +516,7 @@ def open_study(
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     storage = RDBStorage(
         url, engine_kwargs=engine, heartbeat_interval=settings.heartbeat_s, grace_period=2 * settings.heartbeat_s,
-        failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
     )  # fmt: skip
     seed = settings.seed + len(_existing_trials(storage, settings.study_name))  # a second worker samples apart
     try:

@@ -176,9 +176,20 @@ def evidence(study: Any, settings: SearchSettings, choice: Choice) -> list[str]:
     if choice.uniform_wins:
         lines.append("UNIFORM WINS: no per-layer policy measured better than this uniform one")
     elif choice.best_uniform is not None:
-        gap = abs(choice.chosen.values[0] - choice.best_uniform.values[0])
-        lines.append(f"per-layer policy better than the best uniform one by {gap:.4g} {settings.metric} (search seed)")
+        lines.append(f"against the best uniform policy (search seed): {gaps(choice, settings)}")
     return lines
+
+
+def gaps(choice: Choice, settings: SearchSettings) -> str:
+    """Per objective, how far the chosen trial is ahead of (or behind) the best uniform one."""
+    names = [settings.metric] + ([settings.forget_metric] if settings.forget_metric else [])
+    modes = [settings.mode] + ([settings.forget_mode] if settings.forget_metric else [])
+    parts = []
+    for i, (name, mode) in enumerate(zip(names, modes, strict=True)):
+        diff = choice.chosen.values[i] - choice.best_uniform.values[i]
+        ahead = diff > 0 if mode == "max" else diff < 0
+        parts.append(f"{name} {'better' if ahead else 'worse'} by {abs(diff):.4g}")
+    return ", ".join(parts)
 
 
 def top_table(study: Any, settings: SearchSettings, choice: Choice, top: int = 8) -> Any:
@@ -207,14 +218,19 @@ def top_table(study: Any, settings: SearchSettings, choice: Choice, top: int = 8
 
 @dataclass
 class HeldOut:
-    """Per policy, the score on each held-out seed."""
+    """Per policy, the learning score and (two objectives) the forgetting metric on each held-out seed."""
 
     scores: dict[str, list[float]] = field(default_factory=dict)
+    forgetting: dict[str, list[float]] = field(default_factory=dict)
+
+    @staticmethod
+    def spread(vals: list[float]) -> str:
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.fmean(vals):.4g} ± {sd:.2g}"
 
     def line(self, name: str) -> str:
-        vals = self.scores[name]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{name}: {statistics.fmean(vals):.4g} ± {sd:.2g} over {len(vals)} seeds"
+        forget = f", forgetting {self.spread(self.forgetting[name])}" if self.forgetting.get(name) else ""
+        return f"{name}: {self.spread(self.scores[name])}{forget} over {len(self.scores[name])} seeds"
 
 
 def compare_held_out(
@@ -225,7 +241,8 @@ def compare_held_out(
     variants = [Variant(f"{name}-s{seed}", {"adapters.policy": trial.user_attrs["policy"], "seed_everything": seed})
                 for name, trial in contenders.items() for seed in settings.compare_seeds]  # fmt: skip
     records = run_comparison(config, variants, out_dir, metric=settings.metric, forget_metric=settings.forget_metric)
-    curves = read_curves(out_dir, [r.name for r in records if r.status == "ok"])
+    finals = {r.name: r.metrics for r in records if r.status == "ok"}
+    curves = read_curves(out_dir, list(finals))
     held = HeldOut()
     for name in contenders:
         for seed in settings.compare_seeds:
@@ -233,18 +250,31 @@ def compare_held_out(
             if values and all(math.isfinite(v) for v in values):
                 score = values[-1] if settings.score == "last" else statistics.fmean(values)
                 held.scores.setdefault(name, []).append(score)
+            forget = finals.get(f"{name}-s{seed}", {}).get(settings.forget_metric or "", math.nan)
+            if settings.forget_metric and math.isfinite(forget):
+                held.forgetting.setdefault(name, []).append(forget)
     return held
 
 
 def verdict(held: HeldOut, names: dict[str, Any], settings: SearchSettings) -> str:
-    """Which policy won on the held-out seeds (means compared, the spread printed beside them)."""
+    """Which policy won on the held-out seeds (means compared, the spread printed beside them).
+
+    Two objectives: a policy wins when its means are at least as good on both; otherwise the
+    line says which one learns more and which forgets less (a trade-off, no winner).
+    """
     if any(name not in held.scores for name in names):
         return "held-out comparison incomplete: see the comparison folder for the failed runs"
     sign = 1 if settings.mode == "max" else -1
-    winner = max(names, key=lambda n: sign * statistics.fmean(held.scores[n]))
-    who = f"UNIFORM WINS ({winner})" if is_uniform(names[winner]) else f"the per-layer policy ({winner}) wins"
+    learn = max(names, key=lambda n: sign * statistics.fmean(held.scores[n]))
     lines = "; ".join(held.line(n) for n in names)
-    return f"held-out seeds {settings.compare_seeds}, {settings.score} {settings.metric}: {lines} -> {who}"
+    head = f"held-out seeds {settings.compare_seeds}, {settings.score} {settings.metric}: {lines}"
+    if settings.forget_metric and all(held.forgetting.get(n) for n in names):
+        fsign = 1 if settings.forget_mode == "max" else -1
+        keep = max(names, key=lambda n: fsign * statistics.fmean(held.forgetting[n]))
+        if keep != learn:
+            return f"{head} -> a trade-off: {learn} learns more, {keep} forgets less"
+    who = f"UNIFORM WINS ({learn})" if is_uniform(names[learn]) else f"the per-layer policy ({learn}) wins"
+    return f"{head} -> {who}"
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -357,7 +387,7 @@ def held_out_step(config: str | Path, choice: Choice, settings: SearchSettings, 
     names = {f"chosen-{_slug(choice.chosen)}": choice.chosen, _slug(rival): rival}
     held = compare_held_out(config, names, settings, out)
     messages.append(verdict(held, names, settings))
-    (out / "held_out.json").write_text(json.dumps(held.scores, indent=2))
+    (out / "held_out.json").write_text(json.dumps({"score": held.scores, "forgetting": held.forgetting}, indent=2))
     return held
 
 
