@@ -235,7 +235,7 @@ def test_cli_names_the_broken_line_in_one_message(tiny, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/sft_local.yaml", "--config", str(_override(tmp_path, tiny, data, 2))])
     assert exit_info.value.code == 2
-    assert f"lightning-peft: error: {data} line 2: empty completion" in capsys.readouterr().err
+    assert f"lightning-peft fit: error: {data} line 2: empty completion" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -291,7 +291,7 @@ def test_cli_without_bitsandbytes_says_which_extra_in_one_line(tiny, tmp_path, m
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "lightning-peft: error: quantization='nf4' needs bitsandbytes: pip install -e \".[quant]\""
+    assert err[-1] == "lightning-peft fit: error: quantization='nf4' needs bitsandbytes: pip install -e \".[quant]\""
 
 
 def _lora_grads(model: CausalLM, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,13 +11,21 @@ Unlike peft, the training forward never builds an `out x in` matrix. The row nor
 
     n_i^2 = ||W0_i||^2 + 2 s <W0_i, (BA)_i> + s^2 ||(BA)_i||^2
 
-where `W0 A^T` is an `(out, r)` product and `||(BA)_i||^2` needs only the `r x r` Gram
-matrix `A A^T` (docs/methods.md). Nothing is cached from tensor addresses or version
-counters, so the module is safe under sharding (DTensor), `.to()`, parameter reassignment
-and `torch.compile`. The one cache, `m / n` for eager inference-mode forwards (generation
-reuses it every token; compiled code recomputes it), is dropped explicitly: by
-`train()`/`eval()`, `.to()`, `load_state_dict`, merge/unmerge, any forward with gradients,
-and `invalidate_cache()` (call it after editing parameters in place outside those).
+where `A W0^T` is an `(r, out)` product, `||(BA)_i||^2` needs only the `r x r` Gram matrix
+`A A^T`, and `||W0_i||^2` is cached (W0 is frozen). The scaled low-rank path is one autograd
+function (`_DoRALowRank`) that scales in place and allocates one `T x out` tensor per
+direction (docs/methods.md). Two caches, both for eager mode only (compiled code recomputes):
+
+- `||W0_i||^2`, keyed on the base weight's identity, version counter, storage and dtype, and
+  dropped by merge/unmerge, merge-and-restart, `load_state_dict`, `.to()` and
+  `train()`/`eval()`;
+- `m / n`, used whenever no gradient can flow (`torch.no_grad()`, inference mode, frozen
+  adapters: generation reuses it every token), keyed the same way on `A`, `B`, `m` and `W0`,
+  and dropped by the same events and by any forward with gradients.
+
+Version counters see every in-place edit of a plain tensor (optimizer steps included), but
+not edits through `.data` nor edits of FSDP2's sharded parameters (FSDP2 keeps the version of
+the unsharded ones): call `invalidate_cache()` after such an edit made outside training.
 """
 
 from __future__ import annotations
@@ -213,6 +221,7 @@ class DoRA(LowRankFactors):
         checkpoint-restored `m` differs from its init value and is never touched. Compares
         values, never addresses, so it is exact under sharding (gathers: call on every rank).
         """
+        self.invalidate_cache()  # fit start: W0 may have been loaded by any route since the last forward
         m0 = self.magnitude_at_init
         m = whole(self.magnitude).detach()
         if m0 is None or m0.shape != m.shape or not torch.equal(m, m0.to(m.device, m.dtype)):
