@@ -58,7 +58,7 @@ METHODS = {
     "split": [_rule("mora-mlp", "mora", {"r": 8}, MLP), _rule("lora-attn", "lora", R8, ATTN)],
 }  # fmt: skip
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-START = {"full": 1e-3}  # the middle of the first three rates; adapters start at 3e-3
+START = 1e-3  # the middle of the first three rates (the extension finds the rest)
 SEED_KEYS = ("seed_everything", "data.init_args.seed")
 
 
@@ -82,10 +82,15 @@ def _run(variants: list[Variant], folder: Path) -> dict[str, list[dict]]:
 
 
 def sweep(method: str, out: Path, steps: int | None, run: bool = True) -> tuple[float, dict[float, float], bool]:
-    """Seed-0 runs until the best rate is not at an edge of the swept grid; (best, scores, interior)."""
-    i = LADDER.index(START.get(method, 3e-3))
+    """Seed-0 runs until the best rate is not at an edge of the swept grid; (best, scores, interior).
+    `run=False`: the rates already swept in `out`."""
+    i = LADDER.index(START)
     lrs = list(LADDER[i - 1 : i + 2])
     folder = out / "sweep" / method
+    if not run:
+        lrs = sorted(
+            float(p.name.split("_lr")[-1]) for p in folder.glob(f"{method}_lr*") if (p / "curves.csv").is_file()
+        )
     while True:
         curves = _run([_variant(method, lr, steps=steps) for lr in lrs], folder) if run else read_curves(folder)
         scores = {lr: _final(curves.get(f"{method}_lr{lr:g}", []), LEARN) for lr in lrs}

@@ -14,8 +14,9 @@ from lightning_peft.cli.main import main
 from lightning_peft.policy import list_presets, preset_text
 
 REPO = Path(__file__).resolve().parent.parent
-# sft_* configs train a user's model folder: tests/test_local_data.py runs them on a tiny one it builds.
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sft_"))
+# sft_* configs train a user's model folder (tests/test_local_data.py runs them on a tiny one it builds);
+# testbed_* pretrains a base first (tests/test_testbed.py runs it with a tiny one).
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("sft_", "testbed_")))
 UUID_CONFIGS = [c for c in CONFIGS if c.startswith("uuid_")]
 
 

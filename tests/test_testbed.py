@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +46,17 @@ def test_held_out_prose_is_the_documents_the_base_never_trained_on():
     probe = HeldOutProse(num_windows=4, seq_len=32)
     assert probe.texts == held_out and probe.prepare(None).shape == (4, 32)
     assert 0 < unigram_loss(train, held_out) < torch.log(torch.tensor(256.0))
+
+
+def test_the_testbed_config_fits_with_a_tiny_base(tmp_path, monkeypatch):
+    from lightning_peft.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    tiny = [f"--model.init_args.{k}={v}" for k, v in TINY.items()]
+    main(["fit", "--config", "configs/testbed_continual.yaml", *tiny, f"--model.init_args.cache_dir={tmp_path}",
+          "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.logger=false",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+          "--data.init_args.max_val_windows=4", "--diagnostics.every_n_steps=2"])  # fmt: skip
+    rows = (tmp_path / "forgetting.csv").read_text().splitlines()
+    assert rows[0] == "step,metric,value,baseline,change" and [r.split(",")[0] for r in rows[1:]] == ["0", "2", "4"]
+    assert all(r.split(",")[1] == "ref_logprob" for r in rows[1:])
