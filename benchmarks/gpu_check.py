@@ -1,6 +1,6 @@
 """The GPU-only checks in one run, written as one markdown table.
 
-    python benchmarks/gpu_check.py --out benchmarks/GPU_CHECK.md          # needs CUDA
+    python benchmarks/gpu_check.py --out runs/gpu_check.md          # needs CUDA
     python benchmarks/gpu_check.py --device cpu --dry-run --out /tmp/x.md  # every row, tiny, on CPU
 
 Rows: bf16 and fp16 step time and peak memory of ours against HF peft for every method peft

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -126,7 +127,8 @@ def test_bad_references_are_named(tmp_path):
         ReferenceLoss(texts=["x"], unit="word")
 
 
-def test_cached_base_is_built_once_and_a_concurrent_winner_is_kept(tmp_path):
+def test_cached_base_is_built_once_and_records_how(tmp_path):
+    """Built once, then reused; concurrent processes are tests/test_build_once.py's (a lock, then a rename)."""
     spec = {"arch": "tiny", "seed": 0}
     calls = []
 
@@ -134,18 +136,19 @@ def test_cached_base_is_built_once_and_a_concurrent_winner_is_kept(tmp_path):
         calls.append(1)
         return torch.nn.Linear(2, 2), {"built": {"steps": 1}}
 
-    torch.nn.Linear.save_pretrained = lambda self, folder: torch.save(self.state_dict(), f"{folder}/w.pt")
+    def save_pretrained(self, folder):  # as transformers' does: the folder is created
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), Path(folder) / "w.pt")
+
+    torch.nn.Linear.save_pretrained = save_pretrained
     try:
         folder = cached_base(tmp_path, spec, build, verbose=False)
         assert cached_base(tmp_path, spec, build, verbose=False) == folder and len(calls) == 1
-        assert json.loads((folder / BASE_RECORD).read_text()) == {"spec": spec, "built": {"steps": 1}}
-
-        def racing_build():  # another process finishes first while this one builds
-            cached_base(tmp_path, {**spec, "seed": 1}, build, verbose=False)
-            return build()
-
-        other = cached_base(tmp_path, {**spec, "seed": 1}, racing_build, verbose=False)
-        assert (other / BASE_RECORD).is_file() and len(calls) == 3
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, other.name])  # no temp left
+        record = json.loads((folder / BASE_RECORD).read_text())
+        assert record["spec"] == spec and record["built"] == {"steps": 1} and record["build_time_s"] >= 0
+        other = cached_base(tmp_path, {**spec, "seed": 1}, build, verbose=False)
+        assert other != folder and len(calls) == 2
+        left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+        assert left == sorted([folder.name, other.name])  # no temporary folder left behind
     finally:
         del torch.nn.Linear.save_pretrained
