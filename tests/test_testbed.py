@@ -49,7 +49,7 @@ def test_held_out_prose_is_the_documents_the_base_never_trained_on():
 
 
 def test_the_testbed_config_fits_with_a_tiny_base(tmp_path, monkeypatch):
-    from lightning_peft.cli import main
+    from lightning_peft.cli.main import main
 
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     tiny = [f"--model.init_args.{k}={v}" for k, v in TINY.items()]
