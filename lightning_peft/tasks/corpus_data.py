@@ -159,7 +159,55 @@ def _lm_collate(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
 
 
-class ByteCorpus(LightningDataModule):
+class WindowedBytes(LightningDataModule):
+    """Byte-level language-modelling windows; a subclass says which documents train and which validate.
+
+    Shared by :class:`ByteCorpus` and the testbed's source data: the tokenizer, the windows, the
+    loaders (batches of ``input_ids``, ``attention_mask``, ``labels``). Subclasses call
+    ``save_hyperparameters()`` in their own ``__init__`` (so ``seq_len``, ``batch_size``, ``seed`` and
+    ``num_workers`` are theirs) and implement :meth:`split`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = ByteTokenizer()
+        self.train_windows: torch.Tensor | None = None
+        self.val_windows: torch.Tensor | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """256 (link this to the model's ``vocab_size``)."""
+        return self.tokenizer.vocab_size
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """The (training, validation) documents."""
+        raise NotImplementedError
+
+    def keep(self, train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows kept of each split (all of them by default)."""
+        return train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_windows is not None:
+            return
+        train_docs, val_docs = self.split()
+        seq_len = self.hparams.seq_len
+        train, val = to_windows(train_docs, seq_len, self.tokenizer), to_windows(val_docs, seq_len, self.tokenizer)
+        self.train_windows, self.val_windows = self.keep(train, val)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return make_loader(self, _Windows(self.train_windows), _lm_collate, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return make_loader(self, _Windows(self.val_windows), _lm_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class ByteCorpus(WindowedBytes):
     """Byte-level causal language modelling on Python's own documentation (see the module docstring).
 
     Batches are dicts with ``input_ids``, ``attention_mask`` (all ones: windows are never padded) and ``labels``
@@ -201,37 +249,16 @@ class ByteCorpus(LightningDataModule):
         if source not in ("topics", "docstrings", "both"):
             raise ValueError(f"ByteCorpus source must be 'topics', 'docstrings' or 'both', got {source!r}")
         self.save_hyperparameters()
-        self.tokenizer = ByteTokenizer()
-        self.train_windows: torch.Tensor | None = None
-        self.val_windows: torch.Tensor | None = None
 
-    @property
-    def vocab_size(self) -> int:
-        """256 (link this to the model's ``vocab_size``)."""
-        return self.tokenizer.vocab_size
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_windows is not None:
-            return
+    def split(self) -> tuple[list[str], list[str]]:
         hp = self.hparams
-        train_docs, val_docs = split_documents(corpus_documents(hp.source), hp.val_fraction, hp.seed)
-        train = to_windows(train_docs, hp.seq_len, self.tokenizer)
-        val = to_windows(val_docs, hp.seq_len, self.tokenizer)
+        return split_documents(corpus_documents(hp.source), hp.val_fraction, hp.seed)
+
+    def keep(self, train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = self.hparams
         if len(train) == 0 or len(val) == 0:
             raise ValueError(
                 f"ByteCorpus(seq_len={hp.seq_len}, val_fraction={hp.val_fraction}) leaves an empty split "
                 f"({len(train)} train, {len(val)} validation windows); lower seq_len or change val_fraction"
             )
-        self.train_windows = train if hp.max_train_windows is None else train[: hp.max_train_windows]
-        self.val_windows = val
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self, _Windows(self.train_windows), _lm_collate, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self, _Windows(self.val_windows), _lm_collate)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return (train if hp.max_train_windows is None else train[: hp.max_train_windows]), val

@@ -30,19 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader
 
 from lightning_peft.callbacks.reference_probe import ReferenceLoss
 
-from ._common import LRSchedule, make_loader, seeded
+from ._common import LRSchedule, seeded
 from .base_cache import BASE_RECORD, base_cache_key, cache_root, cached_base
 from .causal_lm import CausalLM
 from .corpus_data import (
     DOCSTRING_MODULES,
     ByteTokenizer,
-    _lm_collate,
-    _Windows,
+    WindowedBytes,
     corpus_documents,
     split_documents,
     to_windows,
@@ -80,7 +77,7 @@ def stdlib_source_files(stdlib: str | None = None) -> list[Path]:
     return files
 
 
-class StdlibSource(LightningDataModule):
+class StdlibSource(WindowedBytes):
     """Byte-level language modelling of standard-library Python source, split by file (seeded).
 
     Batches are as `ByteCorpus`'s (`input_ids`, `attention_mask`, `labels`); `val_loss` is in nats/byte.
@@ -115,39 +112,16 @@ class StdlibSource(LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"StdlibSource: {name} must be >= 1 or None, got {value}")
         self.save_hyperparameters()
-        self.tokenizer = ByteTokenizer()
-        self.train_windows: torch.Tensor | None = None
-        self.val_windows: torch.Tensor | None = None
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_windows is not None:
-            return
-        hp = self.hparams
+    def split(self) -> tuple[list[str], list[str]]:
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_source_files()]
-        train_docs, val_docs = split_documents(docs, hp.val_fraction, hp.split_seed)
-        train, val = (
-            to_windows(train_docs, hp.seq_len, self.tokenizer),
-            to_windows(val_docs, hp.seq_len, self.tokenizer),
-        )
-        self.train_windows = train if hp.max_train_windows is None else train[: hp.max_train_windows]
+        return split_documents(docs, self.hparams.val_fraction, self.hparams.split_seed)
+
+    def keep(self, train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = self.hparams
         if hp.max_val_windows is not None and len(val) > hp.max_val_windows:  # an even spread over the held-out files
             val = val[torch.linspace(0, len(val) - 1, hp.max_val_windows).round().long()]
-        self.val_windows = val
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self, _Windows(self.train_windows), _lm_collate, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return make_loader(self, _Windows(self.val_windows), _lm_collate)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return (train if hp.max_train_windows is None else train[: hp.max_train_windows]), val
 
 
 class HeldOutProse(ReferenceLoss):
