@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,34 +136,20 @@ class LayerPolicy:
     @classmethod
     def from_yaml(cls, path: str | Path) -> LayerPolicy:
         """Load a policy file, read as written (YAML 1.2 scalars, no duplicate keys); errors name the file."""
-        import yaml
-
         path = Path(path)
         text = None if path.is_file() else preset_text(str(path))  # a preset name such as `mora_outer_dora_inner`
         source = f"preset {str(path)!r}" if text is not None else str(path)
         if text is None and not path.is_file():
             hint = f"; the preset {path.stem!r} is named without a path" if path.stem in list_presets() else ""
             raise PolicyError(f"Policy file {str(path)!r} does not exist (presets: {list_presets()}){hint}")
-        try:
-            data = read_yaml_file(path) if text is None else load_yaml(text)
-        except ConfigInputError as err:
-            raise PolicyError(f"{source}: {err}") from None
-        except yaml.YAMLError as err:
-            raise PolicyError(f"{source}: YAML syntax error: {err}") from None
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(
+            _read_yaml(source, lambda: read_yaml_file(path) if text is None else load_yaml(text)), source
+        )
 
     @classmethod
     def from_text(cls, text: str, source: str = "policy") -> LayerPolicy:
         """A policy from YAML text (e.g. `--adapters.policy '{rules: [...]}'`), read as written."""
-        import yaml
-
-        try:
-            data = load_yaml(text)
-        except ConfigInputError as err:
-            raise PolicyError(f"{source}: {err}") from None
-        except yaml.YAMLError as err:
-            raise PolicyError(f"{source}: YAML syntax error: {err}") from None
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(_read_yaml(source, lambda: load_yaml(text)), source=source)
 
     @classmethod
     def load(cls, policy: LayerPolicy | str | Path | dict[str, Any]) -> LayerPolicy:
@@ -378,6 +365,18 @@ class LayerPolicy:
                 PolicyWarning,
                 stacklevel=3,
             )
+
+
+def _read_yaml(source: str, read: Callable[[], Any]) -> Any:
+    """`read()`'s YAML, with every reading error a `PolicyError` naming `source` (the file, preset or text)."""
+    import yaml
+
+    try:
+        return read()
+    except ConfigInputError as err:
+        raise PolicyError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        raise PolicyError(f"{source}: YAML syntax error: {err}") from None
 
 
 def _why_unmatched(pattern: str, model: nn.Module, blocks_path: str | None) -> str:
