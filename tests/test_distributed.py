@@ -12,6 +12,8 @@ import lightning as L
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # a two-process launch: CI runs it, the fast lane does not
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
