@@ -52,7 +52,7 @@ def tokens() -> torch.Tensor:
 class TinyLM(L.LightningModule):
     """A tiny Llama; `shard=True` applies FSDP2 in `configure_model`, as users do."""
 
-    def __init__(self, shard: bool = False) -> None:
+    def __init__(self, shard: bool = False, intermediate_size: int = 64) -> None:
         super().__init__()
         self.shard = shard
         with torch.random.fork_rng():
@@ -60,7 +60,7 @@ class TinyLM(L.LightningModule):
             config = LlamaConfig(
                 vocab_size=32,
                 hidden_size=32,
-                intermediate_size=64,
+                intermediate_size=intermediate_size,
                 num_hidden_layers=4,
                 num_attention_heads=4,
                 num_key_value_heads=2,

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fsdp2_fit import trainer
+from fsdp2_fit import TinyLM, trainer
 
 from lightning_peft import AdapterCallback, MergeRestart, find_adapters
 from lightning_peft.core.sharding import full_state_dict
@@ -53,45 +51,21 @@ POLICY = {
 }
 
 
-class RestartLM(L.LightningModule):
-    """A 4-block Llama (hidden 32, 45 MLP rows); `shard=True` applies FSDP2 in `configure_model`."""
+class RestartLM(TinyLM):
+    """`TinyLM` with 45 MLP rows (uneven shards) and data chosen by step; `shard=True` applies FSDP2."""
 
     def __init__(self, shard: bool = False) -> None:
-        super().__init__()
-        self.shard = shard
+        super().__init__(shard, intermediate_size=45)
         self.losses: list[torch.Tensor] = []
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            config = LlamaConfig(
-                vocab_size=32,
-                hidden_size=32,
-                intermediate_size=45,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-            self.model = LlamaForCausalLM(config)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.arange(STEPS)), batch_size=1)  # one item per step; data by step
-
-    def configure_model(self) -> None:
-        if not self.shard:
-            return
-        for block in self.model.model.layers:
-            fully_shard(block)
-        fully_shard(self.model)
 
     def training_step(self, batch, batch_idx):
         x = TOKENS[self.trainer.global_step][self.trainer.global_rank :: self.trainer.world_size]
         loss = self.model(input_ids=x, labels=x).loss  # equal tokens per row: the mean over ranks is the global loss
         self.losses.append(loss.detach())
         return loss
-
-    def configure_optimizers(self):
-        # SGD with momentum: a state the restarts must reset (or prune) per shard; Adam would turn
-        # rounding-level differences into full-size steps.
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
 
 
 def callbacks(reset: str = "reset", diagnostics_dir: Path | None = None) -> list:
