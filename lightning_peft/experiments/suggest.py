@@ -238,11 +238,9 @@ class RuleChoice:
 @functools.cache
 def rank_within_layer(cls: type, in_features: int, out_features: int) -> int:
     """The largest rank (at least 1) at which a `cls` adapter has no more trainable parameters than the layer."""
-    alpha = "alpha" in hyperparameter_names(cls)
 
     def fits(r: int) -> bool:
-        hp = {"r": r, "alpha": 2 * r} if alpha else {"r": r}
-        return cls.count_parameters(in_features, out_features, **hp) <= in_features * out_features
+        return cls.count_parameters(in_features, out_features, **cls.hparams_for_rank(r)) <= in_features * out_features
 
     lo, hi = 1, min(in_features, out_features)
     while lo < hi:  # parameter counts grow with the rank
